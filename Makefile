@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make repro` (run the pipeline) and `make test` (run the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: repro test venv dvc-yaml check-dvc-yaml bench clean-venv
+
+venv: $(STAMP)
+
+# Reinstall when the project's dependency files change; versions are pinned by requirements.lock.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+# dvc.yaml is generated from params.yaml's `backbones:` (DVC cannot name stages train_<b> from a list).
+dvc-yaml: $(STAMP)
+	$(BIN)/python -m mitdet.pipeline --write
+
+check-dvc-yaml: $(STAMP)
+	$(BIN)/python -m mitdet.pipeline --check
+
+repro: $(STAMP)
+	$(BIN)/python -m mitdet.pipeline --check
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_index.py
+
+clean-venv:
+	rm -rf $(VENV)

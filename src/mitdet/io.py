@@ -1,0 +1,67 @@
+"""Atomic writes and strict JSON: every file a stage writes goes through here."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def clean_json(value: Any) -> Any:
+    """Replace NaN and +-Infinity by None (JSON null) anywhere in a structure; numpy scalars become Python's."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy / torch scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps_json(value: Any, indent: int | None = 2) -> str:
+    """JSON text with NaN/Infinity replaced by null; raises if anything non-finite slips through."""
+    return json.dumps(clean_json(value), indent=indent, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
+    write_text(path, dumps_json(value, indent=indent))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse JSON, refusing NaN and Infinity, with an error naming the file."""
+    def refuse(token):
+        raise ValueError(f"{path}: holds {token}, which is not JSON")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, parse_constant=refuse)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None

@@ -1,0 +1,388 @@
+"""params.yaml -> one frozen, validated dataclass tree.
+
+Every key is declared here with its type; `Range` and `Choice` metadata bound the values. An unknown key, a
+wrong type or an out-of-range value raises `ParamsError` naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+BACKBONE_NAMES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+
+
+class ParamsError(ValueError):
+    """A params.yaml key that is unknown, of the wrong type or out of range."""
+
+
+def _range(lo=None, hi=None, *, lo_open=False):
+    return {"range": (lo, hi, lo_open)}
+
+
+def _f(default=dataclasses.MISSING, lo=None, hi=None, lo_open=False, **kw):
+    """A field with an allowed range [lo, hi] (lo excluded when lo_open)."""
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return field(metadata=_range(lo, hi, lo_open=lo_open), **kw)
+    return field(default=default, metadata=_range(lo, hi, lo_open=lo_open), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class SyntheticParams:
+    train_images: int = _f(800, lo=1)
+    val_images: int = _f(100, lo=1)
+    min_side: int = _f(128, lo=32, hi=4096)
+    max_side: int = _f(192, lo=32, hi=4096)
+    max_objects: int = _f(6, lo=1, hi=100)
+    grayscale_fraction: float = _f(0.1, lo=0.0, hi=1.0)
+    empty_fraction: float = _f(0.05, lo=0.0, hi=1.0)
+    crowd_fraction: float = _f(0.03, lo=0.0, hi=1.0)
+    jpeg_quality: int = _f(90, lo=1, hi=100)
+
+    def __post_init__(self):
+        if self.min_side > self.max_side:
+            raise ParamsError(f"data.synthetic.min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+
+
+@dataclass(frozen=True)
+class Coco2017Params:
+    base_url: str = "http://images.cocodataset.org"
+    download_dir: str = "data/downloads/coco2017"
+    splits: list[Literal["train", "val"]] = field(default_factory=lambda: ["train", "val"])
+    subset: int = _f(0, lo=0)
+    subset_mode: Literal["first", "random"] = "first"
+    retries: int = _f(5, lo=0, hi=100)
+    timeout_s: float = _f(60.0, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class SplitPaths:
+    images: str
+    annotations: str
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    train: SplitPaths
+    val: SplitPaths
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "coco2017", "local"]
+    synthetic: SyntheticParams
+    coco2017: Coco2017Params
+    local: LocalParams
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    min_box_size: float = _f(2.0, lo=0.0)
+    workers: int = _f(2, lo=1, hi=256)
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class RpnParams:
+    pre_nms_top_n_train: int = _f(2000, lo=1)
+    pre_nms_top_n_test: int = _f(1000, lo=1)
+    post_nms_top_n_train: int = _f(2000, lo=1)
+    post_nms_top_n_test: int = _f(1000, lo=1)
+    nms_thresh: float = _f(0.7, lo=0.0, hi=1.0)
+    fg_iou_thresh: float = _f(0.7, lo=0.0, hi=1.0)
+    bg_iou_thresh: float = _f(0.3, lo=0.0, hi=1.0)
+    batch_size_per_image: int = _f(256, lo=1)
+    positive_fraction: float = _f(0.5, lo=0.0, hi=1.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class RoiParams:
+    batch_size_per_image: int = _f(512, lo=1)
+    positive_fraction: float = _f(0.25, lo=0.0, hi=1.0, lo_open=True)
+    fg_iou_thresh: float = _f(0.5, lo=0.0, hi=1.0)
+    bg_iou_thresh: float = _f(0.5, lo=0.0, hi=1.0)
+    score_thresh: float = _f(0.05, lo=0.0, hi=1.0)
+    nms_thresh: float = _f(0.5, lo=0.0, hi=1.0)
+    detections_per_img: int = _f(100, lo=1)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    pretrained: Optional[str] = None
+    drop_path_rate: float = _f(0.1, lo=0.0, hi=1.0)
+    frozen_stages: int = _f(0, lo=0, hi=4)
+    fpn_channels: int = _f(256, lo=8, hi=1024)
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: int = _f(800, lo=32, hi=4096)
+    max_size: int = _f(1333, lo=32, hi=8192)
+    rpn: RpnParams = field(default_factory=RpnParams)
+    roi: RoiParams = field(default_factory=RoiParams)
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        if len(self.anchor_sizes) != 5:
+            raise ParamsError(f"model.anchor_sizes must list 5 sizes, one per FPN level (P2..P6); got {self.anchor_sizes}")
+        if any(s <= 0 for s in self.anchor_sizes) or not self.aspect_ratios or any(r <= 0 for r in self.aspect_ratios):
+            raise ParamsError("model.anchor_sizes and model.aspect_ratios must be positive and non-empty")
+        if self.min_size > self.max_size:
+            raise ParamsError(f"model.min_size ({self.min_size}) must not exceed model.max_size ({self.max_size})")
+
+
+# ---------------------------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class AugmentParams:
+    hflip: float = _f(0.5, lo=0.0, hi=1.0)
+    color_jitter: float = _f(0.0, lo=0.0, hi=1.0)
+    multi_scale: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QuickEvalParams:
+    interval: int = _f(100, lo=0)
+    samples: int = _f(8, lo=1)
+    top_k: int = _f(5, lo=1)
+
+
+@dataclass(frozen=True)
+class ValParams:
+    interval: int = _f(1, lo=0)
+    unit: Literal["epochs", "steps"] = "epochs"
+    max_images: int = _f(100, lo=0)
+    monitor: Literal["AP", "AP50", "AP75"] = "AP50"
+
+
+@dataclass(frozen=True)
+class EarlyStoppingParams:
+    patience: int = _f(0, lo=0)
+    min_delta: float = _f(0.0, lo=0.0)
+
+
+@dataclass(frozen=True)
+class CheckpointParams:
+    every_steps: int = _f(100, lo=0)
+    keep: int = _f(2, lo=0)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = _f(8, lo=1)
+    max_steps: int = _f(0, lo=0)
+    batch_size: int = _f(8, lo=1)
+    lr: float = _f(1e-3, lo=0.0, hi=10.0, lo_open=True)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = _f(0.05, lo=0.0)
+    backbone_lr_mult: float = _f(1.0, lo=0.0)
+    warmup_steps: int = _f(50, lo=0)
+    warmup_factor: float = _f(1e-3, lo=0.0, hi=1.0)
+    scheduler: Literal["constant", "cosine", "multistep", "step", "onecycle", "plateau", "cosine_restarts"] = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    gamma: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True)
+    step_size: int = _f(1000, lo=1)
+    restart_steps: int = _f(500, lo=1)
+    min_lr_ratio: float = _f(0.01, lo=0.0, hi=1.0)
+    plateau_patience: int = _f(2, lo=0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    grad_accum: int = _f(1, lo=1)
+    clip_grad_norm: float = _f(10.0, lo=0.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: int = _f(2, lo=0, hi=64)
+    threads: int = _f(0, lo=0, hi=1024)
+    nproc_per_node: int = _f(1, lo=1, hi=64)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    quick_eval: QuickEvalParams = field(default_factory=QuickEvalParams)
+    val: ValParams = field(default_factory=ValParams)
+    early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
+    checkpoint: CheckpointParams = field(default_factory=CheckpointParams)
+    overfit_batches: int = _f(0, lo=0)
+    max_nonfinite_steps: int = _f(5, lo=1)
+    log_every_steps: int = _f(10, lo=1)
+    tensorboard: bool = False
+    per_backbone: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ParamsError(f"train.betas must be two numbers in [0, 1); got {self.betas}")
+        if any(not 0.0 < m < 1.0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ParamsError(f"train.milestones must be increasing fractions of the run in (0, 1); got {self.milestones}")
+        for name, overrides in self.per_backbone.items():
+            if name not in BACKBONE_NAMES:
+                raise ParamsError(f"train.per_backbone: unknown backbone '{name}'; allowed: {', '.join(BACKBONE_NAMES)}")
+            if not isinstance(overrides, dict):
+                raise ParamsError(f"train.per_backbone.{name} must be a mapping of train keys; got {overrides!r}")
+            if "per_backbone" in overrides:
+                raise ParamsError(f"train.per_backbone.{name} cannot itself hold per_backbone")
+            # validate now: a typo in an override fails before any stage runs
+            _build(TrainParams, _merge(_as_dict(self, drop=("per_backbone",)), overrides), f"train.per_backbone.{name}")
+
+    def for_backbone(self, backbone: str) -> "TrainParams":
+        """These train params with `per_backbone[backbone]` applied (and no per_backbone left)."""
+        merged = _merge(_as_dict(self, drop=("per_backbone",)), self.per_backbone.get(backbone, {}))
+        return _build(TrainParams, merged, "train")
+
+
+# ------------------------------------------------------------------------------------- evaluate/report
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _f(8, lo=1)
+    max_images: int = _f(0, lo=0)
+    scorer: Literal["pycocotools", "faster_coco_eval"] = "faster_coco_eval"
+    top_k: int = _f(10, lo=1)
+    samples: int = _f(6, lo=0)
+    sample_score_thresh: float = _f(0.3, lo=0.0, hi=1.0)
+    speed_images: int = _f(16, lo=0)
+    speed_warmup: int = _f(2, lo=0)
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    metric: Literal["AP", "AP50", "AP75"] = "AP"
+    heatmap_max_classes: int = _f(40, lo=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    backbones: list[Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]]
+    data: DataParams
+    index: IndexParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    report: ReportParams
+
+    def __post_init__(self):
+        if not self.backbones:
+            raise ParamsError("backbones must list at least one of " + ", ".join(BACKBONE_NAMES))
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ParamsError(f"backbones lists a name twice: {self.backbones}")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the key at fault."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run from the project root, or pass the path of params.yaml") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
+def to_dict(obj) -> Any:
+    """A params dataclass (or part of one) as plain YAML-able data."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _as_dict(obj, drop=()) -> dict:
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in drop}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise ParamsError(f"`{where or 'params'}` must be a mapping; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ParamsError(f"unknown key `{key}`; allowed keys here: {', '.join(sorted(fields))}")
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if not has_default:
+                raise ParamsError(f"missing key `{key}`")
+            continue
+        values[name] = _convert(hints[name], raw[name], key)
+        lo, hi, lo_open = f.metadata.get("range", (None, None, False))
+        v = values[name]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
+                allowed = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+                raise ParamsError(f"`{key}` = {v!r} is out of range; allowed: {allowed}")
+    try:
+        return cls(**values)
+    except ParamsError as err:
+        raise ParamsError(str(err)) from None
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"`{key}` = {value!r} is not allowed; choose one of: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"`{key}` must be a list; got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"`{key}` must be a mapping; got {value!r}")
+        return {k: (_convert(args[1], v, f"{key}.{k}") if args[1] is not Any else v) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"`{key}` must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"`{key}` must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string; accept what float() reads
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"`{key}` must be a number; got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ParamsError(f"`{key}` must be a finite number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"`{key}` must be a non-empty string; got {value!r}")
+        return value
+    raise ParamsError(f"`{key}`: unsupported type {_type_name(tp)}")  # a bug in this file, not in params.yaml

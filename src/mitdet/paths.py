@@ -1,0 +1,80 @@
+"""Where each stage reads and writes, relative to the project root: one place for dvc.yaml and the stages."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RAW_DIR = "data/raw"                      # prepare_data: data/raw/manifest.json (+ generated data)
+RAW_MANIFEST = "data/raw/manifest.json"   # {"source", "splits": {split: {"images", "annotations"}}}
+INDEX_DIR = "data/index"                  # build_index: <split>.jsonl, categories.json, instances_<split>.json
+REJECTED_CSV = "data/index/rejected.csv"
+INDEX_METRICS = "metrics/index.json"
+PREDICTIONS_DIR = "data/predictions"
+REPORT_JSON = "metrics/report.json"
+REPORT_MD = "metrics/report.md"
+REPORT_PLOTS = "plots/report"
+
+
+@dataclass(frozen=True)
+class BackbonePaths:
+    """The files of one backbone's train and evaluate stages."""
+    backbone: str
+
+    @property
+    def model_dir(self) -> str:
+        return f"models/{self.backbone}"
+
+    @property
+    def checkpoints(self) -> str:  # last.pt, best.pt, epoch_NNN.pt: persist, not cached
+        return f"models/{self.backbone}/checkpoints"
+
+    @property
+    def weights(self) -> str:
+        return f"models/{self.backbone}/model.safetensors"
+
+    @property
+    def model_json(self) -> str:
+        return f"models/{self.backbone}/model.json"
+
+    @property
+    def train_metrics(self) -> str:
+        return f"metrics/{self.backbone}/train.json"
+
+    @property
+    def eval_metrics(self) -> str:
+        return f"metrics/{self.backbone}/eval.json"
+
+    @property
+    def per_class_metrics(self) -> str:
+        return f"metrics/{self.backbone}/per_class.json"
+
+    @property
+    def plots_dir(self) -> str:
+        return f"plots/{self.backbone}"
+
+    @property
+    def train_batches_csv(self) -> str:
+        return f"plots/{self.backbone}/train_batches.csv"
+
+    @property
+    def train_epochs_csv(self) -> str:
+        return f"plots/{self.backbone}/train_epochs.csv"
+
+    @property
+    def val_history_csv(self) -> str:
+        return f"plots/{self.backbone}/val_history.csv"
+
+    @property
+    def per_class_ap_csv(self) -> str:
+        return f"plots/{self.backbone}/per_class_ap.csv"
+
+    @property
+    def pr_curve_csv(self) -> str:
+        return f"plots/{self.backbone}/pr_curve.csv"
+
+    @property
+    def samples_dir(self) -> str:
+        return f"plots/{self.backbone}/samples"
+
+    @property
+    def predictions(self) -> str:
+        return f"{PREDICTIONS_DIR}/{self.backbone}.json"
