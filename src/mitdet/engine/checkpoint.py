@@ -1,0 +1,167 @@
+"""Checkpoints: atomic save/load, RNG state, the fingerprint of what shapes training, stale-run handling."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mitdet
+from mitdet.io import atomic_path
+from mitdet.params import ModelParams, TrainParams, to_dict
+
+log = logging.getLogger(__name__)
+
+# TrainParams keys that do not change the weights a run ends with (logging, loading speed, checkpoint cadence).
+NOT_SHAPING = ("log_every_steps", "tensorboard", "num_workers", "quick_eval", "checkpoint", "per_backbone")
+INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json")
+
+
+def file_sha256(path: str | Path, h=None):
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def index_hash(index_dir: str | Path) -> str:
+    """Hash of the index files training reads (missing ones count as absent, by name)."""
+    h = hashlib.sha256()
+    for name in INDEX_FILES:
+        path = Path(index_dir) / name
+        h.update(name.encode())
+        if path.exists():
+            file_sha256(path, h)
+        else:
+            h.update(b"<absent>")
+    return h.hexdigest()
+
+
+def code_hash() -> str:
+    """Hash of the package's Python code (src/mitdet/**/*.py), by relative path and content."""
+    root = Path(mitdet.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        file_sha256(path, h)
+    return h.hexdigest()
+
+
+def fingerprint(train: TrainParams, model: ModelParams, seed: int, index_dir: str | Path,
+                extra: dict | None = None) -> dict:
+    """Everything that shapes a run, as a dict with one `hash` over all parts (kept readable for logs)."""
+    shaping = {k: v for k, v in to_dict(train).items() if k not in NOT_SHAPING}
+    parts = {
+        "train": shaping, "model": to_dict(model), "seed": seed,
+        "index": index_hash(index_dir), "code": code_hash(), "extra": extra or {},
+    }
+    parts["hash"] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return parts
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """Names of the parts that differ (train keys by name), for the log line."""
+    out = []
+    for part in ("train", "model", "seed", "index", "code", "extra"):
+        a, b = old.get(part), new.get(part)
+        if a == b:
+            continue
+        if part == "train" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"train.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif part == "model" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"model.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        else:
+            out.append(part)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Python, NumPy, torch and CUDA generator states as tensors and lists (loadable with weights_only)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class preserved_rng:
+    """Run a block (evaluation, creating a loader iterator) without moving the training RNG streams."""
+
+    def __enter__(self):
+        self.state = rng_state()
+
+    def __exit__(self, *exc):
+        set_rng_state(self.state)
+        return False
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def save(path: str | Path, state: dict) -> None:
+    """torch.save through a temporary file and a rename: a kill never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint of plain tensors and containers (weights_only: no code runs from the file)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: name it and the fix
+        raise RuntimeError(f"{path}: cannot read this checkpoint ({err}); move it away to start fresh") from None
+
+
+def set_aside(path: str | Path, reason: str) -> Path:
+    """Rename `path` to `<name>.stale-<UTC time>` and say so in one log line."""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    path.replace(dest)
+    log.warning("%s does not match this run (%s): moved to %s, training starts fresh", path, reason, dest.name)
+    return dest
+
+
+def load_matching(path: str | Path, fp: dict) -> dict | None:
+    """The checkpoint at `path` when its fingerprint matches `fp`; a non-matching one is set aside (None)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = load(path)
+    except RuntimeError as err:
+        set_aside(path, str(err))
+        return None
+    old = state.get("fingerprint", {})
+    if old.get("hash") != fp["hash"]:
+        set_aside(path, "changed: " + (", ".join(fingerprint_diff(old, fp)) or "fingerprint"))
+        return None
+    return state
+
+
+def prune_periodic(directory: str | Path, keep: int) -> None:
+    """Keep only the newest `keep` epoch_NNN.pt files."""
+    files = sorted(p for p in Path(directory).glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name))
+    for p in files[: max(0, len(files) - keep)]:
+        p.unlink(missing_ok=True)
+

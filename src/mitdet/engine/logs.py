@@ -1,0 +1,102 @@
+"""What a run tells while it trains: CSV histories (for dvc plots), TensorBoard, the progress bar, log lines."""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from mitdet.io import write_text
+
+BATCH_COLUMNS = ["epoch", "step", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
+                 "loss_rpn_box_reg", "lr", "images_per_s", "timestamp"]
+EPOCH_COLUMNS = ["epoch", "avg_loss", "epoch_seconds", "lr", "val_AP", "val_AP50", "is_best", "checkpoint",
+                 "timestamp"]
+VAL_COLUMNS = ["step", "epoch", "AP", "AP50", "AP75"]
+LOSS_KEYS = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
+
+
+class CsvLog:
+    """Rows kept in memory and rewritten whole (temp file + rename) at each flush: never a torn file.
+
+    `rows` travel in the checkpoint, so a resumed run starts from exactly the rows of the step it resumes.
+    """
+
+    def __init__(self, path: str | None, columns: list[str], rows: list[dict] | None = None):
+        self.path, self.columns = path, columns
+        self.rows: list[dict] = [dict(r) for r in rows or []]
+
+    def append(self, row: dict) -> None:
+        self.rows.append({c: row.get(c, "") for c in self.columns})
+
+    def flush(self) -> None:
+        if self.path is None:  # not rank 0
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: _fmt(r.get(c, "")) for c in self.columns} for r in self.rows)
+        write_text(self.path, buf.getvalue())
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if value is None:
+        return ""
+    return value
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One handler on the `mitdet` logger that cooperates with tqdm (idempotent)."""
+    logger = logging.getLogger("mitdet")
+    logger.setLevel(level)
+    if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
+        handler = TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """Steps done / total with ETA; the loop sets the postfix (loss averages, lr, images/s)."""
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+                file=sys.stderr, mininterval=1.0, desc="train")
+
+
+class TensorBoard:
+    """Optional scalars under models/<b>/tensorboard/; a no-op when off or not rank 0."""
+
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # imported only when asked for: it is slow
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
