@@ -1,0 +1,85 @@
+"""The training/evaluation dataset over an index split, its collate function and the DataLoader builder."""
+from __future__ import annotations
+
+import logging
+import random
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mitdet.data.index import SplitIndex
+from mitdet.data.sampler import GroupedBatchSampler, OrderedBatchSampler, aspect_ratio_groups
+from mitdet.data.transforms import build_transform
+from mitdet.params import ModelParams, TrainParams
+
+log = logging.getLogger(__name__)
+# EXIF orientation is ignored: COCO boxes and the header sizes the index checked refer to the stored pixels
+READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+class DetectionDataset(Dataset):
+    """Item i (or (i, epoch) from the training sampler) -> (image float32 [3,H,W] 0..1, target), or None when the
+    file cannot be decoded (counted in `self.failed`; `collate` reports it per batch)."""
+
+    def __init__(self, split: SplitIndex, transform):
+        self.split = split
+        self.records = split.images
+        self.transform = transform
+        self.failed = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rec = self.records[index]
+        image = cv2.imread(rec.file, READ_FLAGS)
+        if image is None or image.shape[:2] != (rec.height, rec.width):
+            self.failed += 1
+            why = "cannot be decoded" if image is None else f"is {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
+            log.warning("skipping %s (image_id %d): the file %s", rec.file, rec.image_id, why)
+            return None
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        keep = ~rec.iscrowd  # crowd regions are evaluation-only
+        image, boxes, labels, scale = self.transform(image, rec.boxes[keep], rec.labels[keep], epoch, index)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4), "labels": torch.from_numpy(labels),
+                  "image_id": rec.image_id, "orig_size": (rec.height, rec.width), "scale": float(scale)}
+        return tensor, target
+
+
+def collate(batch):
+    """(images list, targets list, how many samples failed to decode and were dropped)."""
+    kept = [b for b in batch if b is not None]
+    return [b[0] for b in kept], [b[1] for b in kept], len(batch) - len(kept)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
+
+
+def build_loader(split: SplitIndex, *, model: ModelParams, train: TrainParams | None, seed: int, training: bool,
+                 batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                 skip_batches: int = 0, limit_images: int = 0) -> DataLoader:
+    """Training: aspect-grouped, seeded shuffle per epoch, augmentations reseeded from (seed, epoch, index),
+    the first `skip_batches` of `epoch` skipped (resume). Eval: ordered, resize only, first `limit_images`."""
+    if training:
+        if train is None:
+            raise ValueError("build_loader(training=True) needs the train params (train.augment)")
+        dataset = DetectionDataset(split, build_transform(model, train.augment, seed))
+        groups = aspect_ratio_groups([r.width for r in split.images], [r.height for r in split.images])
+        sampler = GroupedBatchSampler(groups, batch_size, seed, rank=rank, world_size=world_size, epoch=epoch,
+                                      skip_batches=skip_batches)
+    else:
+        dataset = DetectionDataset(split, build_transform(model, None, seed))
+        sampler = OrderedBatchSampler(len(split.images), batch_size, limit=limit_images, rank=rank, world_size=world_size)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init if num_workers > 0 else None, generator=generator)

@@ -1,0 +1,319 @@
+"""COCO 2017 download: resumable HTTP Range transfers with retries, verified before use, safely extracted.
+
+What is verified: each zip's size (Content-Length and the known size) and its MD5 against the table below (or a
+checksum passed in); the `*.part` file becomes the final name only after that. An archive whose entries would land
+outside the target folder is refused before anything is written. At the end, every image the annotation JSON lists
+must exist, and the counts must be COCO's (118,287 train / 5,000 val) unless a subset was asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from mitdet.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# The official archives: size in bytes and MD5 (as published by cocodataset.org mirrors and checked by many
+# download scripts). A mirror must serve the same bytes.
+KNOWN_FILES = {
+    "zips/train2017.zip": {"size": 19336861798, "md5": "cced6f7f71b7629ddf16f17bbcfab6b2"},
+    "zips/val2017.zip": {"size": 815585330, "md5": "442b8da7639aecaf257c1dceb8ba8c80"},
+    "annotations/annotations_trainval2017.zip": {"size": 252907541, "md5": "f4bbac642086de4f52a3fdda2de5fa2c"},
+}
+COCO_COUNTS = {"train": 118287, "val": 5000}
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A download that failed after every retry, or a file that failed verification."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file whose size or checksum is not the expected one."""
+
+
+class UnsafeArchiveError(DownloadError):
+    """A zip entry that would be written outside the extraction folder."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a downloaded file must be: size in bytes and/or an MD5 hex digest (either may be unknown)."""
+    size: int | None = None
+    md5: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ transfer
+def download_file(url: str, dest: str | Path, expected: Expected = Expected(), *, retries: int = 5,
+                  timeout_s: float = 60.0, backoff_s: float = 1.0, progress: bool = True, stamp: bool = True) -> Path:
+    """Fetch `url` to `dest` through `dest.part`, resuming with HTTP Range; rename only once verified.
+
+    Idempotent: a `dest` already verified (a `.verified.json` stamp matching its size and mtime) is not fetched
+    again. A checksum mismatch removes the `.part` and raises ChecksumError naming the file and both sums.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if _is_verified(dest, expected):
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    attempt = 0
+    while True:
+        try:
+            _fetch_into(url, part, expected.size, timeout_s, progress)
+            break
+        except ChecksumError:
+            raise
+        except (urllib.error.URLError, OSError, ConnectionError, TimeoutError, _Incomplete) as err:
+            attempt += 1
+            if attempt > retries:
+                raise DownloadError(f"{url}: failed after {retries} retries ({err}); run again to resume from "
+                                    f"{part.stat().st_size if part.exists() else 0} bytes") from None
+            wait = min(backoff_s * 2 ** (attempt - 1), 60.0)
+            log.warning("%s: %s; retry %d/%d in %.1f s (resuming)", url, err, attempt, retries, wait)
+            time.sleep(wait)
+    _verify(part, dest.name, expected)
+    os.replace(part, dest)
+    if stamp:
+        _stamp(dest, expected)
+    return dest
+
+
+class _Incomplete(Exception):
+    """The server closed the connection before sending everything."""
+
+
+def _fetch_into(url: str, part: Path, size: int | None, timeout_s: float, progress: bool) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # a stale or foreign .part: start over
+        part.unlink()
+        have = 0
+    if size is not None and have == size:
+        return
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing left to send: the .part is complete (verified next)
+            return
+        if 400 <= err.code < 500:
+            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}; check data.coco2017.base_url") from None
+        raise
+    with resp:
+        if have and resp.status != 206:  # the server ignored Range: start from zero
+            have = 0
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else size
+        mode = "ab" if have else "wb"
+        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                                         desc=part.name[:-5], disable=not progress, mininterval=1.0) as bar:
+            while True:
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                f.write(chunk)
+                bar.update(len(chunk))
+        got = part.stat().st_size
+        if total is not None and got < total:
+            raise _Incomplete(f"connection closed at {got} of {total} bytes")
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(part: Path, name: str, expected: Expected) -> None:
+    size = part.stat().st_size
+    if expected.size is not None and size != expected.size:
+        part.unlink()
+        raise ChecksumError(f"{name}: size mismatch: expected {expected.size} bytes, got {size}; the partial file "
+                            f"was removed, run again to download it afresh")
+    if expected.md5 is not None:
+        actual = _md5(part)
+        if actual != expected.md5.lower():
+            part.unlink()
+            raise ChecksumError(f"{name}: MD5 mismatch: expected {expected.md5}, actual {actual}; the download was "
+                                f"removed (a corrupt mirror or transfer), run again to retry")
+    elif name.endswith(".zip"):  # no checksum known: at least every member's CRC must hold
+        try:
+            with zipfile.ZipFile(part) as zf:
+                bad = zf.testzip()
+        except zipfile.BadZipFile as err:
+            bad = str(err)
+        if bad is not None:
+            part.unlink()
+            raise ChecksumError(f"{name}: not a valid zip (first bad entry: {bad}); the download was removed")
+
+
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified.json")
+
+
+def _stamp(dest: Path, expected: Expected) -> None:
+    st = dest.stat()
+    write_json(_stamp_path(dest), {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": expected.md5})
+
+
+def _is_verified(dest: Path, expected: Expected) -> bool:
+    if not dest.exists() or not _stamp_path(dest).exists():
+        return False
+    try:
+        stamp = read_json(_stamp_path(dest))
+    except ValueError:
+        return False
+    st = dest.stat()
+    return (stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns
+            and (expected.md5 is None or stamp.get("md5") == expected.md5)
+            and (expected.size is None or expected.size == st.st_size))
+
+
+# ----------------------------------------------------------------------------------------------- extraction
+def safe_extract(archive: str | Path, target: str | Path, members_prefix: str | None = None) -> int:
+    """Extract `archive` under `target` (each file written atomically); refuse the whole archive first if any
+    entry is absolute or climbs out with `..`. Returns the number of files written."""
+    target = Path(target).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        for info in infos:
+            name = info.filename
+            dest = (target / name).resolve()
+            if name.startswith(("/", "\\")) or ":" in name.split("/")[0] or not dest.is_relative_to(target):
+                raise UnsafeArchiveError(f"{archive}: entry {name!r} would be written outside {target}; "
+                                         f"refusing to extract this archive")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing to extract")
+        written = 0
+        for info in infos:
+            if info.is_dir() or (members_prefix and not info.filename.startswith(members_prefix)):
+                continue
+            dest = target / info.filename
+            if dest.exists() and dest.stat().st_size == info.file_size:
+                continue  # idempotent re-extraction after an interruption
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            with zf.open(info) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            os.replace(tmp, dest)
+            written += 1
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ COCO 2017
+def check_free_space(folder: Path, needed: int) -> None:
+    """Raise before starting when the disk holding `folder` has less than `needed` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DownloadError(f"{folder}: {free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed for the download "
+                            f"and extraction; free space or set data.coco2017.download_dir elsewhere")
+
+
+def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = None,
+                     expected_counts: dict[str, int] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Download, verify and extract COCO 2017 under `cfg.download_dir` (a Coco2017Params); return the splits
+    {split: {"images": DIR, "annotations": JSON}}. With `cfg.subset` > 0, only the annotations zip is fetched
+    and N images per split come one by one from `{base_url}/{split}2017/{file_name}`."""
+    root = Path(cfg.download_dir)
+    base = cfg.base_url.rstrip("/")
+    known = dict(KNOWN_FILES) if checksums is None else {}
+    known = {k: Expected(**v) if isinstance(v, dict) else v for k, v in known.items()}
+    known.update(checksums or {})
+    counts = dict(COCO_COUNTS, **(expected_counts or {}))
+    kw = dict(retries=cfg.retries, timeout_s=cfg.timeout_s, progress=progress)
+
+    ann_key = "annotations/annotations_trainval2017.zip"
+    zips = [ann_key] + ([] if cfg.subset else [f"zips/{s}2017.zip" for s in cfg.splits])
+    _check_space_for(root, zips, known)
+    for key in zips:
+        done = root / f".extracted-{Path(key).stem}.json"
+        if done.exists():
+            continue
+        archive = download_file(f"{base}/{key}", root / key, known.get(key, Expected()), **kw)
+        safe_extract(archive, root)
+        write_json(done, {"archive": key})
+
+    splits = {}
+    for split in cfg.splits:
+        ann = root / "annotations" / f"instances_{split}2017.json"
+        img_dir = root / f"{split}2017"
+        if not ann.exists():
+            raise DownloadError(f"{ann}: missing after extracting {ann_key}; the archive is not COCO 2017's")
+        if cfg.subset:
+            ann = _subset(ann, root / "subsets" / f"{cfg.subset_mode}-{cfg.subset}-seed{seed}", split, cfg.subset,
+                          cfg.subset_mode, seed)
+            _fetch_images(base, split, ann, img_dir, **kw)
+        _check_images(ann, img_dir, None if cfg.subset else counts[split])
+        splits[split] = {"images": str(img_dir), "annotations": str(ann)}
+    return splits
+
+
+def _check_space_for(root: Path, keys: list[str], known: dict[str, Expected]) -> None:
+    """Bytes still to download plus room to extract (images do not compress; the annotations grow ~3.3x)."""
+    needed = 0
+    for key in keys:
+        if (root / f".extracted-{Path(key).stem}.json").exists():
+            continue
+        size = known.get(key, Expected()).size or 0
+        final, part = root / key, root / (key + ".part")
+        have = final.stat().st_size if final.exists() else (part.stat().st_size if part.exists() else 0)
+        needed += max(0, size - have) + size * (4 if key.startswith("annotations/") else 1)
+    check_free_space(root, needed)
+
+
+def _subset(ann: Path, out_dir: Path, split: str, n: int, mode: str, seed: int) -> Path:
+    """A COCO JSON holding the first (or seeded-random) `n` images of `ann` and their annotations."""
+    out = out_dir / f"instances_{split}2017.json"
+    if out.exists():
+        return out
+    coco = read_json(ann)
+    images = sorted(coco["images"], key=lambda im: im["id"])
+    if mode == "random":
+        pick = np.random.default_rng([seed, len(images)]).choice(len(images), size=min(n, len(images)), replace=False)
+        images = [images[i] for i in sorted(pick)]
+    else:
+        images = images[:n]
+    ids = {im["id"] for im in images}
+    coco["images"] = images
+    coco["annotations"] = [a for a in coco["annotations"] if a.get("image_id") in ids]
+    write_json(out, coco, indent=None)
+    return out
+
+
+def _fetch_images(base: str, split: str, ann: Path, img_dir: Path, **kw) -> None:
+    names = [im["file_name"] for im in read_json(ann)["images"]]
+    todo = [n for n in names if not (img_dir / n).exists()]
+    for name in tqdm(todo, desc=f"{split}2017 images", unit="img", disable=not kw.get("progress", True)):
+        # each image goes through its own .part; the index later checks its header against the JSON
+        download_file(f"{base}/{split}2017/{name}", img_dir / name, **{**kw, "progress": False}, stamp=False)
+
+
+def _check_images(ann: Path, img_dir: Path, expected: int | None) -> None:
+    coco = read_json(ann)
+    names = [im["file_name"] for im in coco.get("images", [])]
+    missing = [n for n in names if not (img_dir / n).is_file()]
+    if missing:
+        raise DownloadError(f"{img_dir}: {len(missing)} of the {len(names)} images listed in {ann} are missing "
+                            f"(first: {missing[0]}); run prepare_data again to resume")
+    if expected is not None and len(names) != expected:
+        raise DownloadError(f"{ann}: lists {len(names)} images, COCO 2017 has {expected}; the download is "
+                            f"incomplete or not COCO 2017")
+    on_disk = sum(1 for e in os.scandir(img_dir) if e.name.endswith(".jpg"))
+    if expected is not None and on_disk != expected:
+        raise DownloadError(f"{img_dir}: holds {on_disk} .jpg files, expected {expected}")
+    log.info("%s: %d images verified against %s", img_dir, len(names), ann.name)

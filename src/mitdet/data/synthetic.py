@@ -1,0 +1,236 @@
+"""The embedded default dataset: deterministic coloured shapes on textured backgrounds, in COCO format.
+
+Each class pairs a distinct shape with a distinct colour, strong cues that a randomly initialised network learns
+within a few hundred CPU steps (fine textures do not: see CALIBRATION.md); grayscale images keep the shape cue.
+Same seed and params -> byte-identical JPEG files and JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mitdet.io import write_bytes, write_text
+from mitdet.params import SyntheticParams
+
+# COCO-like non-contiguous ids, so the id -> label mapping is exercised. Colours are BGR.
+CATEGORIES = [
+    {"id": 1, "name": "circle", "color": (40, 40, 220)},      # red
+    {"id": 3, "name": "square", "color": (50, 190, 40)},      # green
+    {"id": 5, "name": "triangle", "color": (220, 90, 30)},    # blue
+    {"id": 8, "name": "cross", "color": (30, 220, 230)},      # yellow
+    {"id": 13, "name": "diamond", "color": (210, 40, 210)},   # magenta
+    {"id": 21, "name": "ring", "color": (230, 220, 40)},      # cyan
+    {"id": 34, "name": "star", "color": (20, 130, 250)},      # orange
+    {"id": 55, "name": "bar", "color": (150, 30, 110)},       # purple
+]
+SPLIT_CODES = {"train": 1, "val": 2}
+VAL_ID_OFFSET = 1_000_000  # image ids never repeat across splits
+
+
+def generate(out_dir: str | Path, params: SyntheticParams, seed: int) -> dict[str, dict[str, str]]:
+    """Write `out_dir/{train,val}/*.jpg` and `out_dir/annotations/instances_{split}.json`; return the splits."""
+    out_dir = Path(out_dir)
+    splits = {}
+    for split, count in (("train", params.train_images), ("val", params.val_images)):
+        img_dir = out_dir / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            image_id = i + 1 + (VAL_ID_OFFSET if split == "val" else 0)
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
+            pixels, objects = make_image(rng, params)
+            name = f"{image_id:012d}.jpg"
+            ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality])
+            if not ok:
+                raise RuntimeError(f"cv2.imencode failed for synthetic image {name}")
+            write_bytes(img_dir / name, buf.tobytes())
+            h, w = pixels.shape[:2]
+            images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+            for obj in objects:
+                x, y, bw, bh = obj["bbox"]
+                annotations.append({
+                    "id": len(annotations) + 1 + (VAL_ID_OFFSET if split == "val" else 0),
+                    "image_id": image_id, "category_id": obj["category_id"], "bbox": [x, y, bw, bh],
+                    "area": obj["area"], "iscrowd": obj["iscrowd"],
+                    "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+                })
+        coco = {
+            "info": {"description": f"mitdet synthetic shapes ({split}, seed {seed})", "version": "1"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in CATEGORIES],
+        }
+        ann_path = out_dir / "annotations" / f"instances_{split}.json"
+        write_text(ann_path, json.dumps(coco, separators=(",", ":")) + "\n")
+        splits[split] = {"images": str(img_dir), "annotations": str(ann_path)}
+    return splits
+
+
+def make_image(rng: np.random.Generator, params: SyntheticParams) -> tuple[np.ndarray, list[dict]]:
+    """One image (uint8 HxWx3 BGR, or HxW when grayscale) and its objects (bbox xywh, category_id, area, iscrowd)."""
+    w = int(rng.integers(params.min_side, params.max_side + 1))
+    h = int(rng.integers(params.min_side, params.max_side + 1))
+    img = _background(rng, h, w)
+    owner = np.zeros((h, w), np.int16)  # which object (1-based) is visible at each pixel
+    objects: list[dict] = []
+    if rng.random() >= params.empty_fraction:
+        if rng.random() < params.crowd_fraction:
+            _draw_crowd(rng, img, owner, objects)
+        n = int(rng.integers(1, params.max_objects + 1))
+        # larger objects first, so smaller ones land on top and occlude them only partly
+        for side in sorted((_object_side(rng, h, w) for _ in range(n)), reverse=True):
+            _place_object(rng, img, owner, objects, side)
+    img = _add_noise(rng, img)
+    for k, obj in enumerate(objects, start=1):  # COCO area: the visible pixels of the object
+        if not obj["iscrowd"]:
+            obj["area"] = float(np.count_nonzero(owner == k))
+    objects = [o for o in objects if o["area"] > 0]
+    if rng.random() < params.grayscale_fraction:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)  # written as a 1-channel JPEG
+    return img, objects
+
+
+def _background(rng, h, w) -> np.ndarray:
+    """Low-contrast textured background: smooth colour field, faint blobs/lines; objects stand out."""
+    base = rng.uniform(70, 170, size=3)
+    grid = rng.normal(0, 18, size=(int(rng.integers(3, 7)), int(rng.integers(3, 7)), 3)).astype(np.float32)
+    field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
+    img = np.clip(base + field, 0, 255).astype(np.uint8)
+    for _ in range(int(rng.integers(3, 9))):  # distractor texture, muted and close to the base colour
+        color = tuple(int(c) for c in np.clip(base + rng.normal(0, 22, 3), 0, 255))
+        p1 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        if rng.random() < 0.5:
+            p2 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            cv2.line(img, p1, p2, color, int(rng.integers(1, 4)), cv2.LINE_AA)
+        else:
+            axes = (int(rng.integers(4, max(5, w // 4))), int(rng.integers(4, max(5, h // 4))))
+            cv2.ellipse(img, p1, axes, float(rng.uniform(0, 180)), 0, 360, color, -1, cv2.LINE_AA)
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
+def _add_noise(rng, img) -> np.ndarray:
+    noise = rng.normal(0, float(rng.uniform(3, 8)), size=img.shape)
+    return np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _object_side(rng, h, w) -> int:
+    """Mostly medium and large objects (COCO areas: small < 32^2 <= medium < 96^2 <= large), a minority small."""
+    short = min(h, w)
+    r = rng.random()
+    if r < 0.12:
+        lo, hi = 12, 28
+    elif r < 0.67:
+        lo, hi = 40, 95
+    else:
+        lo, hi = 110, max(111, int(short * 0.98))
+    hi = min(hi, int(short * 0.98))
+    lo = min(lo, hi)
+    return int(rng.integers(lo, hi + 1))
+
+
+def _place_object(rng, img, owner, objects, side: int, attempts: int = 15) -> None:
+    """Draw one object where it leaves every earlier object at least half visible (partial occlusion only)."""
+    h, w = owner.shape
+    cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    for _ in range(attempts):
+        bw, bh = side, side
+        if cat["name"] == "bar":  # elongated, either way: boxes of varied aspect ratios
+            long, thin = side, max(6, side // 3)
+            bw, bh = (long, thin) if rng.random() < 0.5 else (thin, long)
+        # up to a quarter of the object may fall outside the image (clipped boxes)
+        x0 = int(rng.integers(-bw // 4, w - bw + bw // 4 + 1))
+        y0 = int(rng.integers(-bh // 4, h - bh + bh // 4 + 1))
+        mask = np.zeros((h, w), np.uint8)
+        _draw_shape(mask, cat["name"], x0, y0, bw, bh, rng)
+        if not mask.any():
+            continue
+        covered_ok = True
+        for k, obj in enumerate(objects, start=1):
+            if obj["iscrowd"]:
+                continue
+            visible = owner == k
+            n = int(np.count_nonzero(visible))
+            if n and np.count_nonzero(visible & (mask > 0)) > 0.5 * n:
+                covered_ok = False
+                break
+        if not covered_ok:
+            continue
+        color = np.clip(np.array(cat["color"], np.float32) + rng.normal(0, 12, 3), 0, 255)
+        shade = _shading(rng, h, w, x0, y0, bw, bh)
+        sel = mask > 0
+        img[sel] = np.clip(color[None, :] * shade[sel][:, None], 0, 255).astype(np.uint8)
+        owner[sel] = len(objects) + 1
+        ys, xs = np.nonzero(sel)
+        x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        objects.append({"bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                        "category_id": cat["id"], "iscrowd": 0, "area": 0.0})
+        return
+
+
+def _shading(rng, h, w, x0, y0, bw, bh) -> np.ndarray:
+    """A gentle linear brightness gradient across the object (0.8..1.1), so colour is not perfectly flat."""
+    gx, gy = rng.uniform(-0.15, 0.15, 2)
+    xs = (np.arange(w, dtype=np.float32) - x0) / max(bw, 1)
+    ys = (np.arange(h, dtype=np.float32) - y0) / max(bh, 1)
+    return np.clip(0.95 + gx * xs[None, :] + gy * ys[:, None], 0.8, 1.1)
+
+
+def _draw_shape(mask, name, x0, y0, bw, bh, rng) -> None:
+    cx, cy = x0 + bw / 2, y0 + bh / 2
+    rx, ry = bw / 2, bh / 2
+
+    def poly(points):
+        cv2.fillPoly(mask, [np.round(np.array(points)).astype(np.int32)], 255, cv2.LINE_8)
+
+    if name == "circle":
+        cv2.ellipse(mask, (int(round(cx)), int(round(cy))), (int(rx), int(ry)), 0, 0, 360, 255, -1)
+    elif name == "square":
+        poly([(x0, y0), (x0 + bw - 1, y0), (x0 + bw - 1, y0 + bh - 1), (x0, y0 + bh - 1)])
+    elif name == "triangle":
+        poly([(cx, y0), (x0 + bw - 1, y0 + bh - 1), (x0, y0 + bh - 1)])
+    elif name == "cross":
+        t = max(2, int(bw * 0.3))
+        poly([(cx - t / 2, y0), (cx + t / 2, y0), (cx + t / 2, y0 + bh - 1), (cx - t / 2, y0 + bh - 1)])
+        poly([(x0, cy - t / 2), (x0 + bw - 1, cy - t / 2), (x0 + bw - 1, cy + t / 2), (x0, cy + t / 2)])
+    elif name == "diamond":
+        poly([(cx, y0), (x0 + bw - 1, cy), (cx, y0 + bh - 1), (x0, cy)])
+    elif name == "ring":
+        center, axes = (int(round(cx)), int(round(cy))), (int(rx), int(ry))
+        cv2.ellipse(mask, center, axes, 0, 0, 360, 255, -1)
+        inner = (max(1, int(rx * 0.55)), max(1, int(ry * 0.55)))
+        cv2.ellipse(mask, center, inner, 0, 0, 360, 0, -1)
+    elif name == "star":
+        angles = -math.pi / 2 + np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        poly(np.stack([cx + rx * radii * np.cos(angles), cy + ry * radii * np.sin(angles)], 1))
+    elif name == "bar":
+        poly([(x0, y0), (x0 + bw - 1, y0), (x0 + bw - 1, y0 + bh - 1), (x0, y0 + bh - 1)])
+    else:
+        raise ValueError(f"unknown synthetic shape {name!r}")
+
+
+def _draw_crowd(rng, img, owner, objects) -> None:
+    """An iscrowd region: a cluster of many tiny same-class shapes under one box, like COCO's crowd annotations."""
+    h, w = owner.shape
+    cat = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    rw, rh = int(rng.integers(w // 4, w // 2 + 1)), int(rng.integers(h // 4, h // 2 + 1))
+    rx, ry = int(rng.integers(0, w - rw + 1)), int(rng.integers(0, h - rh + 1))
+    color = np.array(cat["color"], np.float32)
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(8, 16))):
+        s = int(rng.integers(5, 10))
+        _draw_shape(mask, cat["name"], int(rng.integers(rx, rx + rw - s + 1)), int(rng.integers(ry, ry + rh - s + 1)), s, s, rng)
+    sel = mask > 0
+    img[sel] = np.clip(color + rng.normal(0, 12, 3), 0, 255).astype(np.uint8)
+    ys, xs = np.nonzero(sel)
+    if len(xs) == 0:
+        return
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    owner[sel] = -1  # crowd pixels belong to no single object
+    objects.append({"bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "category_id": cat["id"],
+                    "iscrowd": 1, "area": float((x2 - x1) * (y2 - y1))})
