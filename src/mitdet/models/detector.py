@@ -1,0 +1,151 @@
+"""torchvision Faster R-CNN + FPN over a MiT encoder, every setting taken from `params.model`."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from mitdet.models.mit import build_mit
+from mitdet.models.weights import load_pretrained
+from mitdet.params import ModelParams, RoiParams, RpnParams
+
+# MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class BackboneWithFPN(nn.Module):
+    """An encoder giving four maps (strides 4..32) + torchvision's FPN with a max-pool level: '0'..'3', 'pool'."""
+
+    def __init__(self, body: nn.Module, fpn_channels: int, channels_last: bool = False):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+class DetectorTransform(GeneralizedRCNNTransform):
+    """torchvision's resize + ImageNet normalisation: shorter side drawn from `train_min_sizes` in training,
+    `test_min_size` in eval (torchvision alone would test at the last training size)."""
+
+    def __init__(self, train_min_sizes: tuple[int, ...], test_min_size: int, max_size: int):
+        super().__init__(tuple(train_min_sizes), max_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.train_min_sizes = tuple(train_min_sizes)
+        self.test_min_size = test_min_size
+
+    def train(self, mode: bool = True) -> "DetectorTransform":
+        super().train(mode)
+        self.min_size = self.train_min_sizes if mode else (self.test_min_size,)
+        return self
+
+
+def build_backbone(backbone: str, model: ModelParams) -> BackboneWithFPN:
+    """The MiT encoder (pretrained weights loaded when `model.pretrained` is set) under an FPN."""
+    encoder = build_mit(backbone, drop_path_rate=model.drop_path_rate, frozen_stages=model.frozen_stages)
+    if model.pretrained:
+        load_pretrained(encoder, model.pretrained)
+    return BackboneWithFPN(encoder, model.fpn_channels, channels_last=model.channels_last)
+
+
+def build_detector(backbone: str, num_classes: int, model: ModelParams,
+                   train_min_sizes: tuple[int, ...] | None = None) -> FasterRCNN:
+    """Faster R-CNN on MiT `backbone`; `num_classes` includes background (K + 1)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be at least 2; got {num_classes}")
+    body = build_backbone(backbone, model)
+    levels = len(body.body.out_channels) + 1  # P2..P5 and the max-pool P6
+    if len(model.anchor_sizes) != levels:
+        raise ValueError(f"model.anchor_sizes needs {levels} sizes (one per FPN level); got {model.anchor_sizes}")
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in model.anchor_sizes),
+                              aspect_ratios=(tuple(model.aspect_ratios),) * levels)
+    rpn, roi = model.rpn, model.roi
+    detector = FasterRCNN(
+        body, num_classes,
+        min_size=model.min_size, max_size=model.max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=rpn.post_nms_top_n_train, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
+        rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.fg_iou_thresh, rpn_bg_iou_thresh=rpn.bg_iou_thresh,
+        rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
+        box_detections_per_img=roi.detections_per_img,
+        box_fg_iou_thresh=roi.fg_iou_thresh, box_bg_iou_thresh=roi.bg_iou_thresh,
+        box_batch_size_per_image=roi.batch_size_per_image, box_positive_fraction=roi.positive_fraction,
+    )
+    detector.transform = DetectorTransform(train_min_sizes or (model.min_size,), model.min_size, model.max_size)
+    if model.channels_last:
+        detector = detector.to(memory_format=torch.channels_last)
+    if model.compile:
+        # in place, so state_dict keys stay those of the plain model; the heads' data-dependent shapes stay eager
+        detector.backbone.compile(dynamic=True)
+    return detector
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (or only those with requires_grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def _input_size(model: FasterRCNN, height: int, width: int):
+    """Make the detector's transform keep a height x width image at its size (it resizes to min_size otherwise)."""
+    t = model.transform
+    saved = (t.min_size, t.max_size)
+    t.min_size, t.max_size = (min(height, width),), max(height, width)
+    try:
+        yield
+    finally:
+        t.min_size, t.max_size = saved
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of CPU's fused attention kernel, which torch's counter does not list (GPU kernels it does)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def detector_gflops(model: FasterRCNN, height: int, width: int) -> float:
+    """GFLOPs (2 x multiply-adds / 1e9) of one eval-mode forward on a height x width image.
+
+    Counted by torch.utils.flop_counter: convolutions, linear layers and matrix products, and attention
+    (CPU's fused SDPA kernel added here); not counted: norms, activations, RoIAlign, NMS, resizing.
+    """
+    was_training = model.training
+    param = next(model.parameters())
+    image = torch.rand(3, height, width, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
+    model.eval()
+    try:
+        with _input_size(model, height, width), torch.no_grad(), counter:
+            model([image])
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9
+
+
+def model_params_from_dict(raw: dict) -> ModelParams:
+    """ModelParams back from its dict form (as in model.json)."""
+    fields = {f.name: f for f in dataclasses.fields(ModelParams)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"model params: unknown keys {unknown}; allowed: {sorted(fields)}")
+    values = dict(raw)
+    values["rpn"] = RpnParams(**raw.get("rpn", {}))
+    values["roi"] = RoiParams(**raw.get("roi", {}))
+    return ModelParams(**values)
