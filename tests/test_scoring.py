@@ -254,3 +254,15 @@ def test_metrics_match_pycocotools_run_directly_on_the_written_file(tiny50_gt, t
     assert ours.per_class["person"]["AP"] == pytest.approx(float(p[p > -1].mean()), abs=1e-6)
     assert ours.per_class["person"]["num_gt"] == len(gt.getAnnIds(catIds=[1], iscrowd=False))
     assert json.loads(pred_path.read_text()) == dets
+
+
+def test_table_lists_best_and_worst_classes_once(tiny50_gt):
+    s = score(TINY50_VAL, noisy_detections(tiny50_gt, seed=4))
+    table = per_class_table(s, top_k=5)
+    top, bottom = table.split("CLASSES NEEDING ATTENTION")
+    ranked = sorted(((r["AP"], n) for n, r in s.per_class.items() if r["AP"] is not None), key=lambda t: (-t[0], t[1]))
+    best, worst = ranked[0][1], ranked[-1][1]
+    assert f"\n{best} " in top and f"\n{worst} " in bottom and f"\n{worst} " not in top
+    assert "preds/GT" in top and "recall" in top
+    small = per_class_table(score(make_gt(), as_detections(make_gt())), top_k=10)
+    assert "every class with GT is listed above" in small

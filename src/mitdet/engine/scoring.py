@@ -226,9 +226,9 @@ def per_class_table(scores: Scores, top_k: int = 10) -> str:
     k = min(top_k, len(rows))
     out += [f"TOP PERFORMING CLASSES (top {k} by AP)", head, "-" * len(head)]
     out += [line(n, r) for n, r in rows[:k]]
-    bottom = rows[-k:][::-1] if k else []
-    out += ["", f"CLASSES NEEDING ATTENTION (bottom {k} by AP)", head, "-" * len(head)]
-    out += [line(n, r) for n, r in bottom]
+    bottom = rows[max(k, len(rows) - top_k):][::-1]  # worst first, none repeated from the top table
+    out += ["", f"CLASSES NEEDING ATTENTION (bottom {len(bottom)} by AP)", head, "-" * len(head)]
+    out += [line(n, r) for n, r in bottom] or ["(every class with GT is listed above)"]
     s, a = scores.summary, scores.aggregates
     out += ["", "recall = AR@100 averaged over IoU 0.50:0.95; preds/GT = detections submitted per GT object "
                 "(not a recall)",
