@@ -1,0 +1,205 @@
+"""COCO 2017 download against a local HTTP server: resume after a cut, checksums, safe extraction, subsets."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import threading
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from mitdet.data.download import (ChecksumError, DownloadError, Expected, UnsafeArchiveError, check_free_space,
+                                  download_file, prepare_coco2017, safe_extract)
+from mitdet.params import Coco2017Params
+
+
+class Server:
+    """Serves `files` (url path -> bytes) with HTTP Range; `cut[path] = n` closes the first response after n bytes."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.cut, self.requests = files, {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                n = server.cut.pop(self.path, None)
+                self.wfile.write(body[start:start + n] if n is not None else body[start:])
+                if n is not None:
+                    self.wfile.flush()
+                    self.close_connection = True  # the connection drops mid-body
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server({})
+    yield s
+    s.close()
+
+
+def _jpeg(seed: int, w: int, h: int) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _coco_mirror(n_train=3, n_val=2) -> dict[str, bytes]:
+    """A tiny mirror in the official layout: zips/{train,val}2017.zip, annotations zip, and single images."""
+    files, ann_entries = {}, {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        images = {f"{split}2017/{i:012d}.jpg": _jpeg(i, 40 + i, 30) for i in range(1, n + 1)}
+        files[f"/zips/{split}2017.zip"] = _zip(images)
+        for name, data in images.items():
+            files["/" + name] = data
+        coco = {"images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 40 + i, "height": 30} for i in range(1, n + 1)],
+                "annotations": [{"id": i, "image_id": i, "category_id": 3, "bbox": [1, 1, 10, 10], "iscrowd": 0, "area": 100}
+                                for i in range(1, n + 1)],
+                "categories": [{"id": 3, "name": "car"}]}
+        ann_entries[f"annotations/instances_{split}2017.json"] = json.dumps(coco).encode()
+    files["/annotations/annotations_trainval2017.zip"] = _zip(ann_entries)
+    return files
+
+
+def _sums(files: dict[str, bytes]) -> dict[str, Expected]:
+    return {k.lstrip("/"): Expected(size=len(v), md5=hashlib.md5(v).hexdigest()) for k, v in files.items() if k.endswith(".zip")}
+
+
+def test_download_resumes_after_connection_cut(server, tmp_path):
+    body = np.random.default_rng(0).bytes(300_000)
+    server.files["/zips/val2017.zip"] = body
+    server.cut["/zips/val2017.zip"] = 100_000
+    dest = download_file(f"{server.url}/zips/val2017.zip", tmp_path / "val2017.zip",
+                         Expected(size=len(body), md5=hashlib.md5(body).hexdigest()), retries=3, backoff_s=0.01,
+                         progress=False)
+    assert dest.read_bytes() == body
+    assert not (tmp_path / "val2017.zip.part").exists()
+    # the second request asked for the rest only
+    assert server.requests == [("/zips/val2017.zip", None), ("/zips/val2017.zip", "bytes=100000-")]
+    # idempotent: a verified file is not fetched again
+    download_file(f"{server.url}/zips/val2017.zip", dest, Expected(size=len(body), md5=hashlib.md5(body).hexdigest()),
+                  progress=False)
+    assert len(server.requests) == 2
+
+
+def test_interrupted_download_resumes_in_a_later_run(server, tmp_path):
+    body = np.random.default_rng(1).bytes(50_000)
+    server.files["/f.bin"] = body
+    server.cut["/f.bin"] = 20_000
+    with pytest.raises(DownloadError, match="resume"):
+        download_file(f"{server.url}/f.bin", tmp_path / "f.bin", Expected(size=len(body)), retries=0, progress=False)
+    assert (tmp_path / "f.bin.part").stat().st_size == 20_000 and not (tmp_path / "f.bin").exists()
+    download_file(f"{server.url}/f.bin", tmp_path / "f.bin", Expected(size=len(body)), retries=0, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+    assert server.requests[-1] == ("/f.bin", "bytes=20000-")
+
+
+def test_checksum_mismatch_names_file_and_sums_and_leaves_nothing(server, tmp_path):
+    body = b"x" * 5000
+    server.files["/zips/train2017.zip"] = body
+    wrong = "0" * 32
+    with pytest.raises(ChecksumError) as err:
+        download_file(f"{server.url}/zips/train2017.zip", tmp_path / "train2017.zip", Expected(md5=wrong),
+                      retries=0, progress=False)
+    msg = str(err.value)
+    assert "train2017.zip" in msg and wrong in msg and hashlib.md5(body).hexdigest() in msg
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor a .part that would be resumed
+
+
+def test_http_error_is_clear(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_file(f"{server.url}/nothing.zip", tmp_path / "n.zip", retries=0, progress=False)
+
+
+def test_zip_entry_escaping_the_target_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    archive.write_bytes(_zip({"train2017/ok.jpg": b"fine", "../escaped.txt": b"pwned"}))
+    target = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match=r"\.\./escaped\.txt"):
+        safe_extract(archive, target)
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not (target / "train2017" / "ok.jpg").exists()  # refused before writing anything
+
+
+def test_free_space_check_refuses_before_starting(tmp_path):
+    with pytest.raises(DownloadError, match="GB free"):
+        check_free_space(tmp_path, 10**18)
+
+
+def test_prepare_coco2017_full_then_idempotent(server, tmp_path):
+    server.files.update(_coco_mirror())
+    cfg = Coco2017Params(base_url=server.url, download_dir=str(tmp_path / "coco"), retries=1, timeout_s=10)
+    splits = prepare_coco2017(cfg, seed=0, checksums=_sums(server.files), expected_counts={"train": 3, "val": 2},
+                              progress=False)
+    assert sorted(p.name for p in Path(splits["train"]["images"]).iterdir()) == [f"{i:012d}.jpg" for i in (1, 2, 3)]
+    assert json.loads(Path(splits["val"]["annotations"]).read_text())["images"][1]["id"] == 2
+    n = len(server.requests)
+    again = prepare_coco2017(cfg, seed=0, checksums=_sums(server.files), expected_counts={"train": 3, "val": 2},
+                             progress=False)
+    assert again == splits and len(server.requests) == n  # nothing downloaded twice
+
+
+def test_prepare_coco2017_image_count_check(server, tmp_path):
+    server.files.update(_coco_mirror())
+    cfg = Coco2017Params(base_url=server.url, download_dir=str(tmp_path / "coco"), retries=0, timeout_s=10)
+    with pytest.raises(DownloadError, match="COCO 2017 has 118287"):
+        prepare_coco2017(cfg, seed=0, checksums=_sums(server.files), progress=False)
+
+
+def test_prepare_coco2017_random_subset_fetches_single_images(server, tmp_path):
+    server.files.update(_coco_mirror(n_train=5, n_val=4))
+    cfg = Coco2017Params(base_url=server.url, download_dir=str(tmp_path / "coco"), subset=2, subset_mode="random",
+                         retries=0, timeout_s=10)
+    splits = prepare_coco2017(cfg, seed=3, checksums=_sums(server.files), progress=False)
+    fetched = [p for p, _ in server.requests]
+    assert "/zips/train2017.zip" not in fetched and "/annotations/annotations_trainval2017.zip" in fetched
+    for split in ("train", "val"):
+        coco = json.loads(Path(splits[split]["annotations"]).read_text())
+        assert len(coco["images"]) == 2
+        assert {a["image_id"] for a in coco["annotations"]} <= {im["id"] for im in coco["images"]}
+        for im in coco["images"]:
+            assert (Path(splits[split]["images"]) / im["file_name"]).read_bytes() == server.files[f"/{split}2017/{im['file_name']}"]
+    # same seed -> same subset
+    again = prepare_coco2017(cfg, seed=3, checksums=_sums(server.files), progress=False)
+    assert again == splits
