@@ -230,6 +230,9 @@ def _label(img: np.ndarray, text: str, x: int, y: int, colour, font_scale: float
     """A filled label whose bottom edge is at y (or, `below`, whose top edge is at y), kept inside the image."""
     import cv2
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    while tw > img.shape[1] - 2 and font_scale > 0.3:  # too wide for the picture: smaller type
+        font_scale *= 0.9
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     if below:
         y = y + th + base + 3 if y + th + base + 3 <= img.shape[0] else y - 3
     y = max(y, th + base + 1)
@@ -241,7 +244,7 @@ def _label(img: np.ndarray, text: str, x: int, y: int, colour, font_scale: float
 
 
 def draw_sample(image_bgr: np.ndarray, gt: list[tuple[list[float], str, bool]],
-                preds: list[tuple[list[float], str, float]]) -> np.ndarray:
+                preds: list[tuple[list[float], str, float]], pred_note: str = "") -> np.ndarray:
     """The image (resized for readable labels) with GT boxes (green; crowd grey) and predictions (red, score).
 
     Boxes are xyxy in the image's own pixels.
@@ -263,8 +266,8 @@ def draw_sample(image_bgr: np.ndarray, gt: list[tuple[list[float], str, bool]],
     # the legend goes on a strip below the picture, where it hides no box
     strip = int(30 * fs / 0.4)
     img = cv2.copyMakeBorder(img, 0, strip, 0, 0, cv2.BORDER_CONSTANT, value=(40, 40, 40))
-    _label(img, "green: ground truth (grey: crowd)   red: predictions", 0, img.shape[0] - strip // 4,
-           (40, 40, 40), fs)
+    _label(img, f"GT: green (crowd: grey)   red: {len(preds)} predictions{pred_note}", 0,
+           img.shape[0] - strip // 4, (40, 40, 40), fs)
     return img
 
 
@@ -293,7 +296,8 @@ def write_samples(records: list, results: list[dict], names: dict[int, str], out
         preds = [([r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]],
                   names.get(r["category_id"], str(r["category_id"])), r["score"])
                  for r in by_image.get(rec.image_id, []) if r["score"] >= score_thresh]
-        ok, data = cv2.imencode(".jpg", draw_sample(image, gt, preds), [cv2.IMWRITE_JPEG_QUALITY, 85])
+        drawing = draw_sample(image, gt, preds, pred_note=f" with score >= {score_thresh:g}")
+        ok, data = cv2.imencode(".jpg", drawing, [cv2.IMWRITE_JPEG_QUALITY, 85])
         if not ok:
             raise RuntimeError(f"could not encode the sample drawing of {path}")
         target = out_dir / f"{rec.image_id}.jpg"
