@@ -365,7 +365,8 @@ def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str
     write_json(root / bp.per_class_metrics, scores.per_class)
     write_text(root / bp.per_class_ap_csv, per_class_ap_csv(scores))
     write_text(root / bp.pr_curve_csv, pr_curve_csv(scores))
-    write_samples(index.images, results, names, root / bp.samples_dir, evaluate.samples,
-                  evaluate.sample_score_thresh, root=root)
+    predicted = set(stats["image_ids"])
+    write_samples([r for r in index.images if r.image_id in predicted], results, names, root / bp.samples_dir,
+                  evaluate.samples, evaluate.sample_score_thresh, root=root)
     print(per_class_table(scores, evaluate.top_k))
     return metrics
