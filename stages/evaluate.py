@@ -1,7 +1,7 @@
 """evaluate_<backbone>: score models/<backbone>/ on the validation split.
 
 Writes data/predictions/<b>.json, metrics/<b>/eval.json + per_class.json, plots/<b>/ (per-class AP, PR curves,
-sample drawings) and prints the per-class table. Device, AMP and loader workers follow params.train.
+sample drawings) and prints the per-class table.
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     if args.backbone not in params.backbones:
         parser.error(f"{args.backbone} is not in params.yaml `backbones:` ({', '.join(params.backbones)})")
-    train = params.train.for_backbone(args.backbone)
-    if train.threads:
+    threads = params.train.for_backbone(args.backbone).threads
+    if threads:
         import torch
-        torch.set_num_threads(train.threads)
+        torch.set_num_threads(threads)
 
     from mitdet.engine.evaluate import evaluate_backbone
-    metrics = evaluate_backbone(args.backbone, params.evaluate, device=train.device, amp=train.amp,
-                                num_workers=train.num_workers, seed=params.seed, progress=sys.stderr.isatty())
+    metrics = evaluate_backbone(args.backbone, params.evaluate, device=params.evaluate.device,
+                                amp=params.evaluate.amp, num_workers=params.evaluate.num_workers, seed=params.seed, progress=sys.stderr.isatty())
     print(json.dumps(metrics, indent=2))
     return 0
 

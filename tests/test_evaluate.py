@@ -241,7 +241,7 @@ def test_evaluate_backbone_end_to_end(evaluated_project):
     per_class_csv = (root / "plots/mit_b0/per_class_ap.csv").read_text().splitlines()
     assert per_class_csv[0] == "class,AP,AP50" and len(per_class_csv) == 3
     pr = (root / "plots/mit_b0/pr_curve.csv").read_text().splitlines()
-    assert pr[0] == "iou,recall,precision" and len(pr) == 1 + 2 * 101
+    assert pr[0] == "recall,precision_iou50,precision_iou75" and len(pr) == 1 + 101
     samples = sorted((root / "plots/mit_b0/samples").glob("*.jpg"))
     assert len(samples) == 2 and all(s.stat().st_size < 200_000 for s in samples)
     assert "TOP PERFORMING CLASSES" in printed and "CLASSES NEEDING ATTENTION" in printed

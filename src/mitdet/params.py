@@ -242,6 +242,9 @@ class EvaluateParams:
     sample_score_thresh: float = _f(0.3, lo=0.0, hi=1.0)
     speed_images: int = _f(16, lo=0)
     speed_warmup: int = _f(2, lo=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    num_workers: int = _f(2, lo=0, hi=64)
 
 
 @dataclass(frozen=True)

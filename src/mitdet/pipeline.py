@@ -88,14 +88,16 @@ def stages_for(backbones: list[str]) -> dict:
         stages[f"evaluate_{b}"] = {
             "cmd": f"python stages/evaluate.py --backbone {b}",
             "deps": ["stages/evaluate.py", *EVAL_CODE, *MODEL_CODE, *LOADER_CODE, *COMMON_CODE,
-                     paths.INDEX_DIR, p.weights, p.model_json],
+                     paths.INDEX_DIR, paths.INDEX_METRICS, p.weights, p.model_json],
             "params": ["evaluate"],
-            "outs": [p.predictions],
-            "metrics": [_metric(p.eval_metrics), _metric(p.per_class_metrics)],
+            # per_class.json is an output, not a metric: 80 classes would swamp `dvc metrics show`
+            "outs": [p.predictions, {p.per_class_metrics: {"cache": False}}],
+            "metrics": [_metric(p.eval_metrics)],
             "plots": [
-                _plot(p.per_class_ap_csv, template="bar_horizontal", x="AP", y="class",
+                _plot(p.per_class_ap_csv, template="bar_horizontal_sorted", x="AP", y="class",
                       title=f"{b}: AP per class"),
-                _plot(p.pr_curve_csv, x="recall", y="precision", title=f"{b}: precision-recall (IoU 0.5, 0.75)"),
+                _plot(p.pr_curve_csv, x="recall", y=["precision_iou50", "precision_iou75"],
+                      title=f"{b}: precision-recall (IoU 0.5, 0.75)"),
                 _plot(p.samples_dir),
             ],
         }
@@ -131,8 +133,8 @@ def top_level_plots(backbones: list[str]) -> list:
                         "y": {BackbonePaths(b).train_batches_csv: "loss" for b in backbones}}},
         {"val_AP50": {"title": "Validation AP50 during training, all backbones", "x": "step",
                       "y": {BackbonePaths(b).val_history_csv: "AP50" for b in backbones}}},
-        {"pr_curve": {"title": "Precision-recall, all backbones", "x": "recall",
-                      "y": {BackbonePaths(b).pr_curve_csv: "precision" for b in backbones}}},
+        {"pr_curve_iou50": {"title": "Precision-recall at IoU 0.5, all backbones", "x": "recall",
+                            "y": {BackbonePaths(b).pr_curve_csv: "precision_iou50" for b in backbones}}},
     ]
 
 

@@ -192,8 +192,16 @@ def per_class_ap_csv(scores: Scores) -> str:
 
 
 def pr_curve_csv(scores: Scores) -> str:
-    """iou, recall, precision (COCOeval's 101 recall points at IoU 0.5 and 0.75)."""
-    return _csv_text(["iou", "recall", "precision"], ((r["iou"], r["recall"], r["precision"]) for r in scores.pr_curves))
+    """recall, precision_iou50, precision_iou75 (COCOeval's 101 recall points), one column per IoU.
+
+    Wide rather than long: DVC's line template sorts by x within a file, so two curves in one column would draw as
+    one saw-tooth line.
+    """
+    by_recall: dict[float, dict[float, Any]] = {}
+    for r in scores.pr_curves:
+        by_recall.setdefault(r["recall"], {})[round(float(r["iou"]), 2)] = r["precision"]
+    rows = ((rec, v.get(0.5), v.get(0.75)) for rec, v in sorted(by_recall.items()))
+    return _csv_text(["recall", "precision_iou50", "precision_iou75"], rows)
 
 
 def eval_metrics(scores: Scores, speed: dict, params_m: float | None, gflops: float | None,
