@@ -64,9 +64,11 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the model; lists every difference."""
 
     def __init__(self, source: str, target: str, missing: list[str], unexpected: list[str],
-                 mismatched: list[tuple[str, tuple, tuple]]):
+                 mismatched: list[tuple[str, tuple, tuple]], variant: str | None = None):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         parts = [f"{source} does not fit {target}; nothing was loaded."]
+        if variant and variant != target:
+            parts.append(f"The checkpoint looks like {variant}: set the backbone to it, or use {target} weights.")
         if missing:
             parts.append(f"missing keys ({len(missing)}): " + _listing(missing))
         if unexpected:
@@ -74,7 +76,8 @@ class CheckpointMismatchError(ValueError):
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): " + _listing(
                 [f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in mismatched]))
-        parts.append("Check that the checkpoint is the same MiT variant as the backbone (mit_b0..mit_b5).")
+        if not variant:
+            parts.append("Check that the checkpoint is the same MiT variant as the backbone (mit_b0..mit_b5).")
         super().__init__("\n  ".join(parts))
 
 
@@ -158,6 +161,17 @@ def to_mit_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
     return out, "Hugging Face"
 
 
+def guess_variant(state: dict[str, Tensor]) -> str | None:
+    """The MiT variant whose widths and depths a (mapped) state dict has, if any."""
+    from mitdet.models.mit import MIT_CONFIGS
+    try:
+        dims = tuple(state[f"norm{i}.weight"].shape[0] for i in range(1, 5))
+    except KeyError:
+        return None
+    depths = tuple(len({k.split(".")[1] for k in state if k.startswith(f"block{i}.")}) for i in range(1, 5))
+    return next((name for name, c in MIT_CONFIGS.items() if (c.embed_dims, c.depths) == (dims, depths)), None)
+
+
 def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Copy `state` into `module`, or raise CheckpointMismatchError listing every difference."""
     own = module.state_dict()
@@ -167,7 +181,7 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: 
                         for k in set(own) & set(state) if state[k].shape != own[k].shape)
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, getattr(module, "name", type(module).__name__),
-                                      missing, unexpected, mismatched)
+                                      missing, unexpected, mismatched, guess_variant(state))
     module.load_state_dict(state, strict=True)
 
 
