@@ -13,6 +13,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -354,7 +355,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
             qe_loader = build_loader(val_split, training=False, limit_images=train.quick_eval.samples, **val_args)
     tb = TensorBoard(str(Path(out.model_dir) / "tensorboard") if (main and train.tensorboard) else None,
                      purge_step=start_step or None)
-    bar = progress_bar(total_steps, start_step, enabled=main)
+    bar = progress_bar(total_steps, start_step, enabled=main and sys.stderr.isatty())  # else: log lines
     params_to_clip = [p for g in optimizer.param_groups for p in g["params"]]
 
     def run_validation(step: int, epoch: int) -> tuple[dict | None, bool]:
@@ -455,6 +456,11 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                         monitor.loss_logged(row["loss"], step)
                         bar.set_postfix(loss=f"{row['loss']:.3f}", ema=f"{monitor.loss_ema:.3f}",
                                         lr=f"{lr_used:.2e}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
+                        if bar.disable:
+                            eta = (total_steps - step) * (time.perf_counter() - t_session) / (step - start_step)
+                            log.info("step %d/%d epoch %d: loss %.4f (avg %.4f) lr %.3g %.1f images/s ETA %s", step,
+                                     total_steps, epoch + 1, row["loss"], monitor.loss_ema, lr_used,
+                                     row["images_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
                         tb.scalars(step, {"train/" + k: row[k] for k in ["loss", *LOSS_KEYS, "lr", "images_per_s"]})
                         acc[:7] = 0
                         t_log = time.perf_counter()
