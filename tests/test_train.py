@@ -273,3 +273,32 @@ def test_overfit_batches_reach_ap50_above_0_9_on_those_images(run_dir, index_dir
     result = train(B, t, tiny_model(), seed=0, index_dir=index_dir)
     val = read_csv(BackbonePaths(B).val_history_csv)
     assert result["best_metric"] > 0.9, val
+
+
+def test_monitor_alerts_and_early_stopping_rules(caplog):
+    from mitdet.engine.monitor import Monitor
+    m = Monitor(max_nonfinite=3, monitor="AP50", patience=2, min_delta=0.05)
+    with caplog.at_level(logging.WARNING, logger="mitdet"):
+        for loss in (1.0, 1.0, 5.0):
+            m.loss_logged(loss, step=1)
+    assert sum("loss spike" in r.getMessage() for r in caplog.records) == 1
+    assert m.validated(0.30, 10, 1) == (True, False)
+    assert m.validated(0.33, 20, 2) == (True, False)   # best, but a gain below min_delta: 1 bad
+    assert m.validated(0.20, 30, 3) == (False, True)   # 2 bad in a row: stop
+    assert (m.best, m.best_step, m.best_epoch) == (0.33, 20, 2)
+    with caplog.at_level(logging.WARNING, logger="mitdet"):
+        m.validated(0.10, 40, 4)
+        m.validated(0.05, 50, 5)
+    assert any("got worse 3 times in a row" in r.getMessage() for r in caplog.records)
+    state = m.state_dict()
+    m2 = Monitor(max_nonfinite=3)
+    m2.load_state_dict(state)
+    assert m2.state_dict() == state
+
+
+def test_early_stopping_ends_the_run(run_dir, index_dir):
+    t = tiny_train(epochs=3, val={"interval": 1, "unit": "steps", "max_images": 2},
+                   early_stopping={"patience": 1, "min_delta": 1.0})  # no validation can gain 1.0 AP50
+    result = train(B, t, tiny_model(), seed=0, index_dir=index_dir)
+    assert result["early_stopped"] and result["steps"] == 2 and result["weights_from"] == "best"
+    assert [r["step"] for r in read_csv(BackbonePaths(B).val_history_csv)] == ["1", "2"]

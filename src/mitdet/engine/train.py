@@ -99,6 +99,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def until_stopped(batches, stop_flag: "StopFlag"):
+    """The batches, ending quietly when loader workers die of the same SIGINT that asked the loop to stop."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if stop_flag.signum is None:
+                raise
+            return
+        yield item
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to finish the current step and save; a second signal stops at once."""
 
@@ -145,12 +159,12 @@ def quick_eval(model, loader, device, amp: str, label_to_category: dict, names: 
     """Predictions on a few images: how many, which categories, the top-k by count (log lines only)."""
     from mitdet.engine.evaluate import predict
     with ckpt.preserved_rng():
-        results, _ = predict(model, loader, device, label_to_category, amp=amp, progress=False)
+        results, stats = predict(model, loader, device, label_to_category, amp=amp, progress=False)
     model.train()
     counts = Counter(r["category_id"] for r in results)
     top = ", ".join(f"{names.get(c, c)}:{n}" for c, n in counts.most_common(top_k))
     log.info("quick eval at step %d: %d predictions on %d images, %d categories detected; top: %s",
-             step, len(results), len(loader.dataset), len(counts), top or "-")
+             step, len(results), stats["images"], len(counts), top or "-")
 
 
 def validate(model, loader, device, amp: str, label_to_category: dict, gt_json: str, step: int) -> dict:
@@ -393,9 +407,9 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     else:
                         batches = iter(build_loader(train_split, training=True, epoch=epoch, skip_batches=skip,
                                                     **loader_args))
-                batch_idx, micro = skip, 0
+                batch_idx, micro, step_batch = skip, 0, skip  # step_batch: batches consumed at the last step
                 step_loss = torch.zeros(5, device=device)
-                for images, targets, skipped in batches:
+                for images, targets, skipped in until_stopped(batches, stop_flag):
                     if batch_idx >= end or step >= total_steps:
                         break
                     images_skipped += skipped
@@ -441,6 +455,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     optimizer.zero_grad(set_to_none=True)
                     schedule.step()
                     step += 1
+                    step_batch = batch_idx
                     bar.update(1)
                     monitor.step_ok(finite, step, str(last_path))
                     step_loss.zero_()
@@ -481,6 +496,10 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     if early_stopped or step >= total_steps or batch_idx >= end:
                         break
 
+                if stop_flag.signum is not None and step_batch < end and step < total_steps:  # loader ended early
+                    save_last(step, epoch, step_batch)
+                    raise Interrupted(step, stop_flag.signum)
+
                 # -- end of the epoch (or of the run within it)
                 epoch_seconds += time.perf_counter() - t_epoch
                 val, is_best = None, False
@@ -505,7 +524,8 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     ckpt.prune_periodic(ck_dir, train.checkpoint.keep)
                 if early_stopped or step >= total_steps:
                     break
-                if stop_flag.signum is not None or (should_stop is not None and should_stop(step)):
+                flags = torch.tensor([float(stop_flag.signum is None)], device=device)
+                if not distributed.all_reduce_min(flags).item() or (should_stop is not None and should_stop(step)):
                     raise Interrupted(step, stop_flag.signum)
 
             # -- the end: a last validation if the final weights were not validated, then the outputs
