@@ -75,11 +75,11 @@ def test_hugging_face_safetensors_and_bin_load_the_same_weights(tmp_path):
     save_file({k.removeprefix("segformer."): v for k, v in hub.items()}, str(tmp_path / "no_prefix.safetensors"))
 
     loaded = []
-    for name in ("hub/model.safetensors", "pytorch_model.bin", "no_prefix.safetensors"):
+    for name in ("hub/model.safetensors", "pytorch_model.bin", "no_prefix.safetensors", "hub"):
         encoder = build_mit("mit_b0")
         load_pretrained(encoder, str(tmp_path / name))
         loaded.append(encoder)
-    assert same_weights(loaded[0], loaded[1]) and same_weights(loaded[0], loaded[2])
+    assert all(same_weights(loaded[0], other) for other in loaded[1:])
     state = loaded[0].state_dict()
     # keys and values are two linears in HF, one kv linear (keys first) in SegFormer
     prefix = "segformer.encoder.block.2.1.attention.self."
@@ -136,12 +136,15 @@ class NotAWeight:
     """Any class: unpickling it would mean running code from the checkpoint."""
 
 
-def test_pickled_code_is_refused_and_a_missing_file_is_named(target, tmp_path):
+def test_pickled_code_is_refused_and_missing_or_broken_files_are_named(target, tmp_path):
     torch.save({"state_dict": target.state_dict(), "trainer": NotAWeight()}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="pickled.pth: not a readable weights-only checkpoint"):
         load_pretrained(target, str(tmp_path / "pickled.pth"))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained(target, str(tmp_path / "nope.pth"))
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="cut.safetensors: not a readable safetensors file"):
+        load_pretrained(target, str(tmp_path / "cut.safetensors"))
 
 
 @pytest.fixture

@@ -93,10 +93,17 @@ def cache_dir() -> Path:
 
 
 def fetch(path_or_url: str, cache: str | os.PathLike | None = None, timeout_s: float = 60.0) -> Path:
-    """A local file for `path_or_url`: the path itself, or the URL downloaded once into the cache."""
+    """A local file for `path_or_url`: the path itself (a Hugging Face model folder: its weights file), or the
+    URL downloaded once into the cache."""
     scheme = urllib.parse.urlparse(path_or_url).scheme
     if scheme not in ("http", "https", "ftp", "file"):
         path = Path(path_or_url).expanduser()
+        if path.is_dir():  # a Hugging Face model folder (save_pretrained / a Hub snapshot)
+            found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path} is a folder without model.safetensors or pytorch_model.bin; "
+                                        "point model.pretrained at the weights file")
+            return found[0]
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights not found: {path} (set model.pretrained to a file or URL)")
         return path
@@ -121,7 +128,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         head = f.read(9)
     if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled code, RuntimeError for a corrupt file
