@@ -110,6 +110,7 @@ class RoiParams:
     score_thresh: float = _f(0.05, lo=0.0, hi=1.0)
     nms_thresh: float = _f(0.5, lo=0.0, hi=1.0)
     detections_per_img: int = _f(100, lo=1)
+    representation_size: int = _f(1024, lo=8)   # width of the two-layer box head (torchvision: 1024)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def params_from_dict(raw: dict, source: str = "params") -> Params:
     try:
         return _build(Params, raw, "")
+    except ParamsError as err:
+        raise ParamsError(f"{source}: {err}") from None
+
+
+def model_params_from_dict(raw: dict, source: str = "model") -> ModelParams:
+    """ModelParams from its dict form (e.g. model.json's `model`), validated like params.yaml's `model`."""
+    try:
+        return _build(ModelParams, raw, "model")
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
 

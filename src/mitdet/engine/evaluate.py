@@ -329,7 +329,7 @@ def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str
     from mitdet.data.dataset import build_loader
     from mitdet.data.index import load_split
     from mitdet.models import count_parameters, detector_gflops, load_inference_model
-    from mitdet.models.detector import model_params_from_dict
+    from mitdet.params import model_params_from_dict
 
     root = Path(root)
     bp = BackbonePaths(backbone)

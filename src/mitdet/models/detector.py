@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
@@ -16,7 +17,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mitdet.models.mit import build_mit
 from mitdet.models.weights import load_pretrained
-from mitdet.params import ModelParams, RoiParams, RpnParams
+from mitdet.params import ModelParams
 
 # MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -74,15 +75,18 @@ def build_detector(backbone: str, num_classes: int, model: ModelParams,
     anchors = AnchorGenerator(sizes=tuple((s,) for s in model.anchor_sizes),
                               aspect_ratios=(tuple(model.aspect_ratios),) * levels)
     rpn, roi = model.rpn, model.roi
+    box_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(model.fpn_channels * 7 * 7, roi.representation_size)
     detector = FasterRCNN(
-        body, num_classes,
+        body, None,
         min_size=model.min_size, max_size=model.max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
         rpn_post_nms_top_n_train=rpn.post_nms_top_n_train, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
         rpn_nms_thresh=rpn.nms_thresh, rpn_fg_iou_thresh=rpn.fg_iou_thresh, rpn_bg_iou_thresh=rpn.bg_iou_thresh,
         rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        box_roi_pool=box_pool, box_head=box_head,
+        box_predictor=FastRCNNPredictor(roi.representation_size, num_classes),
         box_score_thresh=roi.score_thresh, box_nms_thresh=roi.nms_thresh,
         box_detections_per_img=roi.detections_per_img,
         box_fg_iou_thresh=roi.fg_iou_thresh, box_bg_iou_thresh=roi.bg_iou_thresh,
@@ -137,15 +141,3 @@ def detector_gflops(model: FasterRCNN, height: int, width: int) -> float:
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 1e9
-
-
-def model_params_from_dict(raw: dict) -> ModelParams:
-    """ModelParams back from its dict form (as in model.json)."""
-    fields = {f.name: f for f in dataclasses.fields(ModelParams)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ValueError(f"model params: unknown keys {unknown}; allowed: {sorted(fields)}")
-    values = dict(raw)
-    values["rpn"] = RpnParams(**raw.get("rpn", {}))
-    values["roi"] = RoiParams(**raw.get("roi", {}))
-    return ModelParams(**values)

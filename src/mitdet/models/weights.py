@@ -226,7 +226,8 @@ def save_inference_model(model: nn.Module, spec: dict, model_dir: str | os.PathL
 def load_inference_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The detector saved by `save_inference_model`, in eval mode on `device`, and its spec (safetensors only)."""
     from safetensors.torch import load_file
-    from mitdet.models.detector import build_detector, model_params_from_dict  # detector.py imports this module
+    from mitdet.models.detector import build_detector  # detector.py imports this module
+    from mitdet.params import model_params_from_dict
     model_dir = Path(model_dir)
     spec = read_json(model_dir / SPEC_FILE)
     if spec.get("format") != INFERENCE_FORMAT:
