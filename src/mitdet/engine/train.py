@@ -121,12 +121,15 @@ class StopFlag:
         self._old = {}
 
     def __enter__(self):
+        self.pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a loader worker forked with this handler: the main process stops it
+            return
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
