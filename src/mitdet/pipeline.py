@@ -96,8 +96,7 @@ def stages_for(backbones: list[str]) -> dict:
             "plots": [
                 _plot(p.per_class_ap_csv, template="bar_horizontal_sorted", x="AP", y="class",
                       title=f"{b}: AP per class"),
-                _plot(p.pr_curve_csv, x="recall", y=["precision_iou50", "precision_iou75"],
-                      title=f"{b}: precision-recall (IoU 0.5, 0.75)"),
+                _plot(p.pr_curve_csv, x="recall", y="precision_iou50", title=f"{b}: precision-recall at IoU 0.5"),
                 _plot(p.samples_dir),
             ],
         }
@@ -135,6 +134,8 @@ def top_level_plots(backbones: list[str]) -> list:
                       "y": {BackbonePaths(b).val_history_csv: "AP50" for b in backbones}}},
         {"pr_curve_iou50": {"title": "Precision-recall at IoU 0.5, all backbones", "x": "recall",
                             "y": {BackbonePaths(b).pr_curve_csv: "precision_iou50" for b in backbones}}},
+        {"pr_curve_iou75": {"title": "Precision-recall at IoU 0.75, all backbones", "x": "recall",
+                            "y": {BackbonePaths(b).pr_curve_csv: "precision_iou75" for b in backbones}}},
     ]
 
 
