@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.relaunch_under_torchrun(train_params.nproc_per_node)  # does not return
 
     from mitdet.engine.logs import setup_logging
+    from mitdet.engine.monitor import NonFiniteLossError
     from mitdet.engine.train import Interrupted, train
     setup_logging()
     try:
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(stop, file=sys.stderr)  # "interrupted at step S: run `dvc repro` again to resume"
         return 128 + stop.signum if stop.signum else 1
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -302,3 +302,31 @@ def test_early_stopping_ends_the_run(run_dir, index_dir):
     result = train(B, t, tiny_model(), seed=0, index_dir=index_dir)
     assert result["early_stopped"] and result["steps"] == 2 and result["weights_from"] == "best"
     assert [r["step"] for r in read_csv(BackbonePaths(B).val_history_csv)] == ["1", "2"]
+
+
+def test_fingerprint_follows_what_shapes_training(tmp_path, monkeypatch, index_dir):
+    pkg = tmp_path / "mitdet"
+    (pkg / "engine").mkdir(parents=True)
+    for rel in ("__init__.py", "engine/train.py", "report.py"):
+        (pkg / rel).write_text("x = 1\n")
+    monkeypatch.setattr(ckpt.mitdet, "__file__", str(pkg / "__init__.py"))
+    base = ckpt.code_hash()
+    (pkg / "report.py").write_text("x = 2\n")  # not training code
+    assert ckpt.code_hash() == base
+    (pkg / "engine" / "train.py").write_text("x = 2\n")
+    assert ckpt.code_hash() != base
+    monkeypatch.undo()
+
+    fp = ckpt.fingerprint(tiny_train(), tiny_model(), 0, index_dir)["hash"]
+    assert ckpt.fingerprint(tiny_train(log_every_steps=7, num_workers=3), tiny_model(), 0, index_dir)["hash"] == fp
+    assert ckpt.fingerprint(tiny_train(lr=0.5), tiny_model(), 0, index_dir)["hash"] != fp
+    assert ckpt.fingerprint(tiny_train(), dataclasses.replace(tiny_model(), min_size=32), 0, index_dir)["hash"] != fp
+    assert ckpt.fingerprint(tiny_train(), tiny_model(), 1, index_dir)["hash"] != fp
+    copy = tmp_path / "index"
+    copy.mkdir()
+    for f in Path(index_dir).iterdir():
+        copy.joinpath(f.name).write_bytes(f.read_bytes())
+    assert ckpt.fingerprint(tiny_train(), tiny_model(), 0, copy)["hash"] == fp
+    with open(copy / "train.jsonl", "a") as f:
+        f.write("\n")
+    assert ckpt.fingerprint(tiny_train(), tiny_model(), 0, copy)["hash"] != fp

@@ -44,11 +44,20 @@ def index_hash(index_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+# The code that trains, relative to src/mitdet (the train stages' code deps in dvc.yaml list the same): not the
+# report, the CLI or dvc.yaml generation, so editing those neither reruns nor invalidates a training run.
+TRAIN_CODE = ("engine", "data", "models", "params.py", "io.py", "paths.py", "__init__.py")
+
+
 def code_hash() -> str:
-    """Hash of the package's Python code (src/mitdet/**/*.py), by relative path and content."""
+    """Hash of the Python code that trains (TRAIN_CODE under src/mitdet), by relative path and content."""
     root = Path(mitdet.__file__).resolve().parent
+    files = []
+    for part in TRAIN_CODE:
+        path = root / part
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in files:
         h.update(str(path.relative_to(root)).encode())
         file_sha256(path, h)
     return h.hexdigest()
