@@ -106,5 +106,6 @@ def test_prepare_synthetic_then_index(tmp_path):
     metrics = build_index("data/raw/manifest.json", IndexParams(), tmp_path / "index", root=tmp_path)
     assert metrics["splits"]["train"]["images_kept"] == 12 and metrics["splits"]["val"]["images_kept"] == 4
     assert metrics["categories"] == len(CATEGORIES)
-    split = load_split(tmp_path / "index", "train")
+    split = load_split(tmp_path / "index", "train", root=tmp_path)
+    assert all(Path(r.file).is_file() for r in split.images)
     assert sorted({int(label) for r in split.images for label in r.labels}) <= list(range(1, len(CATEGORIES) + 1))
