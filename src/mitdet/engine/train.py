@@ -365,11 +365,12 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
     det.train()
     val_loader = qe_loader = None
     if val_split is not None:
-        val_args = dict(loader_args, num_workers=train.num_workers, rank=0, world_size=1)
+        val_args = dict(loader_args, rank=0, world_size=1)  # rank 0 validates on every image
         if val_on:
             val_loader = build_loader(val_split, training=False, limit_images=val_limit, **val_args)
-        if train.quick_eval.interval > 0:
-            qe_loader = build_loader(val_split, training=False, limit_images=train.quick_eval.samples, **val_args)
+        if train.quick_eval.interval > 0:  # a few images: no worker processes kept for them
+            qe_loader = build_loader(val_split, training=False, limit_images=train.quick_eval.samples,
+                                     **{**val_args, "num_workers": 0})
     tb = TensorBoard(str(Path(out.model_dir) / "tensorboard") if (main and train.tensorboard) else None,
                      purge_step=start_step or None)
     bar = progress_bar(total_steps, start_step, enabled=main and sys.stderr.isatty())  # else: log lines
@@ -395,7 +396,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
         return result, is_best
 
     step, epoch = start_step, start_epoch
-    t_log, images_at_log = time.perf_counter(), 0
+    t_log = time.perf_counter()
     with StopFlag() as stop_flag:
         try:
             for epoch in range(start_epoch, num_epochs):
