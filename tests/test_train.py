@@ -127,9 +127,10 @@ def test_a_run_writes_every_declared_output(run_dir, index_dir):
     assert last["finished"] and last["step"] == 4 and last["fingerprint"]["hash"]
 
 
-@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch (between checkpoints), and at an epoch's end
-def test_resume_is_bitwise_exact(tmp_path, index_dir, stop_at):
-    t = tiny_train(epochs=2, **WITH_EVAL)
+# mid-epoch (between checkpoints), at an epoch's end, and with a loader worker process
+@pytest.mark.parametrize("stop_at,workers", [(3, 0), (4, 0), (5, 1)])
+def test_resume_is_bitwise_exact(tmp_path, index_dir, stop_at, workers):
+    t = tiny_train(epochs=2, num_workers=workers, **WITH_EVAL)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight, index_dir, t)
     with pytest.raises(Interrupted, match=f"interrupted at step {stop_at}: run `dvc repro` again to resume"):

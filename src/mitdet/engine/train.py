@@ -363,6 +363,10 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
         seed_everything(seed + dist_info.rank)
     ddp = distributed.wrap(det, dist_info, device)
     det.train()
+    train_loader = None
+    if train.overfit_batches == 0:  # one loader for the whole run: its persistent workers outlive the epochs
+        train_loader = build_loader(train_split, training=True, epoch=start_epoch, skip_batches=start_batch,
+                                    **loader_args)
     val_loader = qe_loader = None
     if val_split is not None:
         val_args = dict(loader_args, rank=0, world_size=1)  # rank 0 validates on every image
@@ -408,9 +412,9 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                         batches = iter(fixed_batches[skip:end])
                     elif skip >= end:
                         batches = iter(())
-                    else:
-                        batches = iter(build_loader(train_split, training=True, epoch=epoch, skip_batches=skip,
-                                                    **loader_args))
+                    else:  # the sampler skips `skip` batches of the epoch it was built for (resume) only
+                        train_loader.batch_sampler.set_epoch(epoch)
+                        batches = iter(train_loader)
                 batch_idx, micro, step_batch = skip, 0, skip  # step_batch: batches consumed at the last step
                 step_loss = torch.zeros(5, device=device)
                 for images, targets, skipped in until_stopped(batches, stop_flag):
