@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # TrainParams keys that do not change the weights a run ends with (logging, loading speed, checkpoint cadence).
 NOT_SHAPING = ("log_every_steps", "tensorboard", "num_workers", "quick_eval", "checkpoint", "per_backbone")
-INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json")
+INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json", "instances_train.json")
 
 
 def file_sha256(path: str | Path, h=None):
@@ -143,8 +143,10 @@ def load(path: str | Path) -> dict:
 
 
 def set_aside(path: str | Path, reason: str) -> Path:
-    """Rename `path` to `<name>.stale-<UTC time>` and say so in one log line."""
+    """Rename `path` to `<name>.stale-<UTC time>` (the newest such copy only is kept) and say so in one log line."""
     path = Path(path)
+    for older in path.parent.glob(f"{path.name}.stale-*"):
+        older.unlink(missing_ok=True)
     dest = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     path.replace(dest)
     log.warning("%s does not match this run (%s): moved to %s, training starts fresh", path, reason, dest.name)
