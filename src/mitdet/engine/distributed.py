@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,9 @@ def wrap(model: nn.Module, info: Dist, device: torch.device) -> nn.Module:
     if not info.enabled:
         return model
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    # MiT's depthwise kernels [C, 1, 3, 3]: the gradient's stride on the size-1 dim differs from the bucket's,
+    # which is the same memory layout; DDP warns about it every step otherwise
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
