@@ -7,6 +7,7 @@ model.json, metrics/<b>/train.json and plots/<b>/{train_batches,train_epochs,val
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mitdet.params import BACKBONE_NAMES, load_params
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.backbone, train_params, params.model, params.seed)
     except Interrupted as stop:
-        print(stop, file=sys.stderr)  # "interrupted at step S: run `dvc repro` again to resume"
+        if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 only under torchrun
+            print(stop, file=sys.stderr)  # "interrupted at step S: run `dvc repro` again to resume"
         return 128 + stop.signum if stop.signum else 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
