@@ -268,9 +268,9 @@ def test_overfit_batches_drive_the_loss_down(run_dir, index_dir):
 
 @pytest.mark.slow
 def test_overfit_batches_reach_ap50_above_0_9_on_those_images(run_dir, index_dir):
-    t = tiny_train(overfit_batches=1, max_steps=300, lr=1e-3, warmup_steps=20, log_every_steps=25,
+    t = tiny_train(overfit_batches=1, max_steps=120, lr=1e-3, warmup_steps=20, log_every_steps=20,
                    scheduler="constant", augment={"hflip": 0.0}, checkpoint={"every_steps": 0},
-                   val={"interval": 100, "unit": "steps"})
+                   val={"interval": 60, "unit": "steps"})
     result = train(B, t, tiny_model(), seed=0, index_dir=index_dir)
     val = read_csv(BackbonePaths(B).val_history_csv)
     assert result["best_metric"] > 0.9, val
