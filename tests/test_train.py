@@ -308,11 +308,13 @@ def test_early_stopping_ends_the_run(run_dir, index_dir):
 def test_fingerprint_follows_what_shapes_training(tmp_path, monkeypatch, index_dir):
     pkg = tmp_path / "mitdet"
     (pkg / "engine").mkdir(parents=True)
-    for rel in ("__init__.py", "engine/train.py", "report.py"):
+    (pkg / "data").mkdir()
+    for rel in ("__init__.py", "engine/train.py", "report.py", "data/synthetic.py"):
         (pkg / rel).write_text("x = 1\n")
     monkeypatch.setattr(ckpt.mitdet, "__file__", str(pkg / "__init__.py"))
     base = ckpt.code_hash()
     (pkg / "report.py").write_text("x = 2\n")  # not training code
+    (pkg / "data" / "synthetic.py").write_text("x = 2\n")
     assert ckpt.code_hash() == base
     (pkg / "engine" / "train.py").write_text("x = 2\n")
     assert ckpt.code_hash() != base
@@ -331,3 +333,10 @@ def test_fingerprint_follows_what_shapes_training(tmp_path, monkeypatch, index_d
     with open(copy / "train.jsonl", "a") as f:
         f.write("\n")
     assert ckpt.fingerprint(tiny_train(), tiny_model(), 0, copy)["hash"] != fp
+
+
+def test_the_fingerprinted_code_is_the_train_stage_code_dependency():
+    from mitdet import pipeline
+    stage = pipeline.stages_for([B])[f"train_{B}"]
+    code_deps = {d for d in stage["deps"] if d.startswith("src/mitdet/")}
+    assert code_deps == {f"src/mitdet/{p}" for p in ckpt.TRAIN_CODE}

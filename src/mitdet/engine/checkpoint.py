@@ -44,9 +44,13 @@ def index_hash(index_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-# The code that trains, relative to src/mitdet (the train stages' code deps in dvc.yaml list the same): not the
-# report, the CLI or dvc.yaml generation, so editing those neither reruns nor invalidates a training run.
-TRAIN_CODE = ("engine", "data", "models", "params.py", "io.py", "paths.py", "__init__.py")
+# The code that trains, relative to src/mitdet: the same files as the train stages' code deps in dvc.yaml
+# (mitdet.pipeline), so an edit that makes DVC rerun training also refuses to resume across it, and editing the
+# report, the CLI or data preparation does neither.
+TRAIN_CODE = ("engine/train.py", "engine/optim.py", "engine/checkpoint.py", "engine/logs.py", "engine/monitor.py",
+              "engine/distributed.py", "engine/evaluate.py", "engine/scoring.py", "models",
+              "data/index.py", "data/dataset.py", "data/transforms.py", "data/sampler.py",
+              "params.py", "io.py", "paths.py")
 
 
 def code_hash() -> str:
