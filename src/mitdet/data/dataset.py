@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import random
 
 import cv2
@@ -82,4 +83,17 @@ def build_loader(split: SplitIndex, *, model: ModelParams, train: TrainParams | 
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None, generator=generator)
+                      worker_init_fn=_worker_init if num_workers > 0 else None, generator=generator,
+                      multiprocessing_context=_worker_context() if num_workers > 0 else None)
+
+
+def _worker_context():
+    """Workers start from a clean forkserver that has imported this module once, not from a fork of the
+    trainer: a fork copies locks held by the parent's other threads (OpenCV's pool, tqdm's monitor, an HTTP
+    server in tests), and a worker then hangs on its first cv2 call now and then."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
