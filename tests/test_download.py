@@ -203,3 +203,23 @@ def test_prepare_coco2017_random_subset_fetches_single_images(server, tmp_path):
     # same seed -> same subset
     again = prepare_coco2017(cfg, seed=3, checksums=_sums(server.files), progress=False)
     assert again == splits
+
+
+def test_without_a_checksum_a_zip_must_pass_its_crc_check(server, tmp_path):
+    good = _zip({"a.txt": b"hello" * 100})
+    bad = bytearray(good)
+    bad[40] ^= 0xFF  # inside the member's data: the CRC no longer matches
+    server.files["/good.zip"], server.files["/bad.zip"] = good, bytes(bad)
+    assert download_file(f"{server.url}/good.zip", tmp_path / "good.zip", progress=False).read_bytes() == good
+    with pytest.raises(ChecksumError, match="bad.zip: not a valid zip"):
+        download_file(f"{server.url}/bad.zip", tmp_path / "bad.zip", retries=0, progress=False)
+    assert not (tmp_path / "bad.zip").exists() and not (tmp_path / "bad.zip.part").exists()
+
+
+def test_stale_part_larger_than_expected_starts_over(server, tmp_path):
+    body = b"y" * 1000
+    server.files["/z.bin"] = body
+    (tmp_path / "z.bin.part").write_bytes(b"junk" * 500)
+    download_file(f"{server.url}/z.bin", tmp_path / "z.bin", Expected(size=len(body), md5=hashlib.md5(body).hexdigest()),
+                  retries=0, progress=False)
+    assert (tmp_path / "z.bin").read_bytes() == body and server.requests == [("/z.bin", None)]

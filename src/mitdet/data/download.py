@@ -8,6 +8,7 @@ must exist, and the counts must be COCO's (118,287 train / 5,000 val) unless a s
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
@@ -75,7 +76,7 @@ def download_file(url: str, dest: str | Path, expected: Expected = Expected(), *
             break
         except ChecksumError:
             raise
-        except (urllib.error.URLError, OSError, ConnectionError, TimeoutError, _Incomplete) as err:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _Incomplete) as err:
             attempt += 1
             if attempt > retries:
                 raise DownloadError(f"{url}: failed after {retries} retries ({err}); run again to resume from "
