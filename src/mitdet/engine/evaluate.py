@@ -125,7 +125,7 @@ def predict(model: torch.nn.Module, loader: Iterable, device: str | torch.device
     stats: images (run through the model), seconds, skipped (failed to decode), detections, image_ids (the
     images predicted, to pass to `score(image_ids=...)`).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio variant iterates the loader twice
 
     device = torch.device(device) if not isinstance(device, torch.device) else device
     model.eval()
