@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from mitdet.data.index import build_index
-from mitdet.params import load_params
+from mitdet.params import load_params_or_exit
 from mitdet.paths import INDEX_DIR, INDEX_METRICS, RAW_MANIFEST, REJECTED_CSV
 
 
@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     metrics = build_index(RAW_MANIFEST, params.index, INDEX_DIR, INDEX_METRICS)
     for split, m in metrics["splits"].items():
         dropped = {**m["images_rejected"], **{f"box:{k}": v for k, v in m["annotations_rejected"].items()}}

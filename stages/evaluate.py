@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from mitdet.params import BACKBONE_NAMES, load_params
+from mitdet.params import BACKBONE_NAMES, load_params_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     if args.backbone not in params.backbones:
         parser.error(f"{args.backbone} is not in params.yaml `backbones:` ({', '.join(params.backbones)})")
     threads = params.train.for_backbone(args.backbone).threads

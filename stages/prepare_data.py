@@ -10,7 +10,7 @@ import logging
 import sys
 
 from mitdet.data.sources import prepare
-from mitdet.params import load_params
+from mitdet.params import load_params_or_exit
 from mitdet.paths import RAW_MANIFEST
 
 
@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     manifest = prepare(params.data, params.seed)
     for split, d in manifest["splits"].items():
         n = manifest["fingerprint"][split]["images"]

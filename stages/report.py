@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mitdet.params import load_params
+from mitdet.params import load_params_or_exit
 from mitdet.paths import REPORT_MD
 
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
 
     from mitdet.report import build_report
     build_report(list(params.backbones), params.report)

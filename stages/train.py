@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from mitdet.params import BACKBONE_NAMES, load_params
+from mitdet.params import BACKBONE_NAMES, load_params_or_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", required=True, choices=BACKBONE_NAMES)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
+    params = load_params_or_exit(args.params)
     if args.backbone not in params.backbones:
         parser.error(f"{args.backbone} is not in params.yaml `backbones:` ({', '.join(params.backbones)})")
     train_params = params.train.for_backbone(args.backbone)

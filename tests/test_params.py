@@ -104,3 +104,17 @@ def test_params_are_frozen():
     params = load_params(ROOT / "params.yaml")
     with pytest.raises(Exception):
         params.train.lr = 1.0
+
+
+def test_a_stage_with_bad_params_fails_before_any_work_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["lrr"] = 0.01
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/prepare_data.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "`train.lrr`" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # nothing was written

@@ -6,6 +6,7 @@ wrong type or an out-of-range value raises `ParamsError` naming the key, the val
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -283,6 +284,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
+    """load_params for entry points: a bad params.yaml prints one `error:` line and exits 2, no traceback."""
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
