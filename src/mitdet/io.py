@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
@@ -58,6 +60,16 @@ def dumps_json(value: Any, indent: int | None = 2) -> str:
 
 def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
     write_text(path, dumps_json(value, indent=indent))
+
+
+def csv_text(header: list[str], rows) -> str:
+    """CSV text with a header row; floats as %.6g, None as an empty cell."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
+    return buf.getvalue()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -84,7 +84,7 @@ class DataParams:
 
 @dataclass(frozen=True)
 class IndexParams:
-    min_box_size: float = _f(2.0, lo=0.0)
+    min_box_size: float = _f(2.0, lo=0.0, lo_open=True)
     workers: int = _f(2, lo=1, hi=256)
 
 
@@ -144,6 +144,10 @@ class AugmentParams:
     hflip: float = _f(0.5, lo=0.0, hi=1.0)
     color_jitter: float = _f(0.0, lo=0.0, hi=1.0)
     multi_scale: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if any(not 32 <= s <= 4096 for s in self.multi_scale):
+            raise ParamsError(f"train.augment.multi_scale sizes must lie in [32, 4096]; got {self.multi_scale}")
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,7 @@ class EvaluateParams:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
+    threads: int = _f(0, lo=0, hi=1024)
 
 
 @dataclass(frozen=True)

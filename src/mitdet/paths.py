@@ -13,6 +13,13 @@ REPORT_JSON = "metrics/report.json"
 REPORT_MD = "metrics/report.md"
 REPORT_PLOTS = "plots/report"
 
+# The code that trains, relative to src/mitdet: the train stages' code deps in dvc.yaml AND what the checkpoint
+# fingerprint hashes, from this one list, so an edit that reruns training also refuses to resume across it.
+TRAIN_CODE = ("engine/train.py", "engine/optim.py", "engine/checkpoint.py", "engine/logs.py", "engine/monitor.py",
+              "engine/distributed.py", "engine/evaluate.py", "engine/scoring.py", "models",
+              "data/index.py", "data/dataset.py", "data/transforms.py", "data/sampler.py",
+              "params.py", "io.py", "paths.py")
+
 
 @dataclass(frozen=True)
 class BackbonePaths:

@@ -31,9 +31,7 @@ INDEX_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py"]
 LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/dataset.py", "src/mitdet/data/transforms.py",
                "src/mitdet/data/sampler.py"]
 MODEL_CODE = ["src/mitdet/models"]
-TRAIN_CODE = ["src/mitdet/engine/train.py", "src/mitdet/engine/optim.py", "src/mitdet/engine/checkpoint.py",
-              "src/mitdet/engine/logs.py", "src/mitdet/engine/monitor.py", "src/mitdet/engine/distributed.py",
-              "src/mitdet/engine/evaluate.py", "src/mitdet/engine/scoring.py"]
+TRAIN_CODE = [f"src/mitdet/{part}" for part in paths.TRAIN_CODE]  # also what the checkpoint fingerprint hashes
 EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/scoring.py"]
 
 
@@ -68,7 +66,7 @@ def stages_for(backbones: list[str]) -> dict:
         p = BackbonePaths(b)
         stages[f"train_{b}"] = {
             "cmd": f"python stages/train.py --backbone {b}",
-            "deps": ["stages/train.py", *TRAIN_CODE, *MODEL_CODE, *LOADER_CODE, *COMMON_CODE, paths.INDEX_DIR],
+            "deps": ["stages/train.py", *TRAIN_CODE, paths.INDEX_DIR],
             "params": ["seed", "model", "train"],
             "outs": [
                 # resumable checkpoints survive DVC's pre-run cleanup and stay out of the cache (see README)
@@ -88,7 +86,7 @@ def stages_for(backbones: list[str]) -> dict:
         stages[f"evaluate_{b}"] = {
             "cmd": f"python stages/evaluate.py --backbone {b}",
             "deps": ["stages/evaluate.py", *EVAL_CODE, *MODEL_CODE, *LOADER_CODE, *COMMON_CODE,
-                     paths.INDEX_DIR, paths.INDEX_METRICS, p.weights, p.model_json],
+                     paths.INDEX_DIR, p.weights, p.model_json],
             "params": ["evaluate"],
             # per_class.json is an output, not a metric: 80 classes would swamp `dvc metrics show`
             "outs": [p.predictions, {p.per_class_metrics: {"cache": False}}],
