@@ -121,6 +121,22 @@ def test_multi_scale_sizes_apply_in_training_and_min_size_in_eval():
     assert model.transform.min_size == (64, 128)
 
 
+def test_an_image_already_at_an_allowed_size_is_not_resized_again():
+    # mitdet's loader resizes (seeded, multi-scale included); the detector must not draw a second size
+    model = build_detector("mit_b0", 3, small_params(max_size=256), train_min_sizes=(64, 128))
+    loaded = torch.rand(3, 128, 200)  # the loader's output at the 128 scale
+    torch.manual_seed(0)
+    for _ in range(10):
+        batch = model.transform([loaded])[0]
+        assert batch.image_sizes[0] == (128, 200)
+        expected = (loaded - torch.tensor(model.transform.image_mean)[:, None, None]) / torch.tensor(
+            model.transform.image_std)[:, None, None]
+        assert torch.equal(batch.tensors[0, :, :128, :200], expected)
+    model.eval()  # eval size: shorter side model.min_size (96 in small_params)
+    assert model.transform([torch.rand(3, 96, 150)])[0].image_sizes[0] == (96, 150)
+    assert model.transform([loaded])[0].image_sizes[0] == (96, 150)  # a 128 image is brought to 96
+
+
 def test_pretrained_weights_and_frozen_stages_come_from_params(tmp_path):
     torch.manual_seed(5)
     encoder = build_mit("mit_b0")

@@ -42,7 +42,11 @@ class BackboneWithFPN(nn.Module):
 
 class DetectorTransform(GeneralizedRCNNTransform):
     """torchvision's resize + ImageNet normalisation: shorter side drawn from `train_min_sizes` in training,
-    `test_min_size` in eval (torchvision alone would test at the last training size)."""
+    `test_min_size` in eval (torchvision alone would test at the last training size).
+
+    An image already at one of the allowed sizes (as mitdet's loader delivers it, seeded multi-scale included) is
+    kept as it is: no second interpolation, and no second random size draw.
+    """
 
     def __init__(self, train_min_sizes: tuple[int, ...], test_min_size: int, max_size: int):
         super().__init__(tuple(train_min_sizes), max_size, IMAGENET_MEAN, IMAGENET_STD)
@@ -53,6 +57,14 @@ class DetectorTransform(GeneralizedRCNNTransform):
         super().train(mode)
         self.min_size = self.train_min_sizes if mode else (self.test_min_size,)
         return self
+
+    def resize(self, image: Tensor, target=None):
+        height, width = image.shape[-2:]
+        for size in self.min_size:
+            scale = min(size / min(height, width), self.max_size / max(height, width))
+            if (round(height * scale), round(width * scale)) == (height, width):
+                return image, target
+        return super().resize(image, target)
 
 
 def build_backbone(backbone: str, model: ModelParams) -> BackboneWithFPN:
