@@ -61,11 +61,12 @@ def test_items_shapes_boxes_and_crowd(index_dir):
     split = load_split(index_dir, "train")
     ds = DetectionDataset(split, build_transform(MODEL, None, seed=0))
     by_id = {r.image_id: i for i, r in enumerate(split.images)}
-    crowd_seen = False
+    crowd_seen, failed = False, 0
     for i, rec in enumerate(split.images):
         item = ds[i]
         if Path(rec.file).name == "broken.jpg":
             assert item is None
+            failed += 1
             continue
         image, target = item
         assert image.dtype == torch.float32 and image.shape[0] == 3 and 0 <= image.min() and image.max() <= 1
@@ -84,7 +85,7 @@ def test_items_shapes_boxes_and_crowd(index_dir):
             expected = torch.from_numpy(rec.boxes[~rec.iscrowd]) * target["scale"]
             torch.testing.assert_close(boxes, expected, atol=1.0, rtol=0.02)
             assert target["labels"].min() >= 1 and target["labels"].max() <= len(split.categories)
-    assert crowd_seen and ds.failed == 1
+    assert crowd_seen and failed == 1
     for name in ("gray.jpg", "rgba.png"):  # decoded to 3 channels
         image, _ = ds[by_id[900 if name == "gray.jpg" else 901]]
         assert image.shape[0] == 3
@@ -142,9 +143,20 @@ def test_same_seed_same_batches_and_resume_replays(index_dir):
         for x, y in zip(a[1] + a[2], b[1] + b[2]):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert sum(b[3] for b in full) == 1  # the broken image, skipped and counted once per epoch
-    # augmentations really happen and differ between epochs
+    # augmentations really happen and differ between epochs: the same image, two epochs, other pixels (and
+    # another batch order); the same (seed, epoch) reproduces them exactly
     other_epoch = _batches(build_loader(split, num_workers=0, epoch=2, **kw))
     assert [b[0] for b in other_epoch] != [b[0] for b in full]
+    by_id_1 = {i: img for b in full for i, img in zip(b[0], b[1])}
+    by_id_2 = {i: img for b in other_epoch for i, img in zip(b[0], b[1])}
+    assert by_id_1.keys() == by_id_2.keys()
+    same_shape = [i for i in by_id_1 if by_id_1[i].shape == by_id_2[i].shape]
+    assert same_shape and any(not torch.equal(by_id_1[i], by_id_2[i]) for i in same_shape)  # not only the scale
+    again_epoch = _batches(build_loader(split, num_workers=0, epoch=2, **kw))
+    for a, b in zip(other_epoch, again_epoch, strict=True):
+        assert a[0] == b[0]
+        for x, y in zip(a[1] + a[2], b[1] + b[2]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
     # resuming at batch k replays exactly the rest of the uninterrupted epoch
     k = 5
     resumed = _batches(build_loader(split, num_workers=0, epoch=1, skip_batches=k, **kw))

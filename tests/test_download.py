@@ -162,6 +162,48 @@ def test_zip_entry_escaping_the_target_is_refused(tmp_path):
     assert not (target / "train2017" / "ok.jpg").exists()  # refused before writing anything
 
 
+def test_zip_into_a_symlinked_folder_is_extracted(tmp_path):
+    """A folder of the target that links to another disk is not an escape: containment is checked lexically."""
+    archive = tmp_path / "ok.zip"
+    archive.write_bytes(_zip({"train2017/ok.jpg": b"fine", "annotations/a.json": b"{}"}))
+    elsewhere, target = tmp_path / "bigdisk", tmp_path / "out"
+    elsewhere.mkdir()
+    target.mkdir()
+    (target / "train2017").symlink_to(elsewhere, target_is_directory=True)
+    assert safe_extract(archive, target) == 2
+    assert (elsewhere / "ok.jpg").read_bytes() == b"fine" and (target / "annotations/a.json").read_bytes() == b"{}"
+    linked_target = tmp_path / "out-link"
+    linked_target.symlink_to(target, target_is_directory=True)
+    archive.write_bytes(_zip({"x/../../escaped.txt": b"pwned"}))
+    with pytest.raises(UnsafeArchiveError, match="escaped"):
+        safe_extract(archive, linked_target)
+    archive.write_bytes(_zip({"/abs.txt": b"pwned"}))
+    with pytest.raises(UnsafeArchiveError, match="abs"):
+        safe_extract(archive, linked_target)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_checksums_add_to_the_known_table(monkeypatch, tmp_path):
+    import mitdet.data.download as download
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(root, keys, known):
+        seen.update(known)
+        raise Stop
+
+    monkeypatch.setattr(download, "_check_space_for", capture)
+    ann = "annotations/annotations_trainval2017.zip"
+    cfg = Coco2017Params(base_url="http://127.0.0.1:9", download_dir=str(tmp_path / "coco"))
+    with pytest.raises(Stop):
+        prepare_coco2017(cfg, seed=0, checksums={ann: Expected(size=5, md5="0" * 32)}, progress=False)
+    assert seen[ann] == Expected(size=5, md5="0" * 32)
+    assert seen["zips/val2017.zip"] == Expected(**download.KNOWN_FILES["zips/val2017.zip"])
+
+
 def test_free_space_check_refuses_before_starting(tmp_path):
     with pytest.raises(DownloadError, match="GB free"):
         check_free_space(tmp_path, 10**18)

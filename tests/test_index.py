@@ -90,6 +90,8 @@ def _dataset(tmp_path: Path):
         {"id": 100, "image_id": 2, "category_id": 5, "bbox": [5, 5, 10, 10], "iscrowd": 0},     # duplicate id
         {"id": 109, "image_id": 3, "category_id": 2, "bbox": [1.5, 2.5, 30, 20], "iscrowd": 0},
         {"id": 110, "image_id": 12, "category_id": 2, "bbox": [1, 1, 5, 5], "iscrowd": 0},      # its image is rejected
+        {"id": 111, "image_id": 15, "category_id": 2, "bbox": [1, 1, 5, 5], "iscrowd": 0},      # its entry is malformed
+        "not an annotation",                                                                     # malformed, no id
     ]
     cats = [{"id": 5, "name": "dog"}, {"id": 2, "name": "bicycle"}]
     (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -113,9 +115,10 @@ def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
     assert m["images_rejected"] == {"duplicate_image_id": 1, "empty_file": 1, "malformed_image_entry": 1,
                                     "missing_file": 1, "not_an_image": 1, "size_mismatch": 1, "truncated": 1}
     assert m["annotations_rejected"] == {"box_outside_image": 1, "box_too_small": 1, "degenerate_box": 1,
-                                         "duplicate_annotation_id": 1, "malformed_annotation": 1,
+                                         "duplicate_annotation_id": 1, "image_rejected": 2, "malformed_annotation": 2,
                                          "unknown_category": 1, "unknown_image": 1}
     assert m["annotations_kept"] == 4 and m["crowd_kept"] == 1 and m["boxes_clipped"] == 1
+    assert m["annotations"] == 14 == m["annotations_kept"] + sum(m["annotations_rejected"].values())
     assert json.loads((tmp_path / "metrics.json").read_text())["splits"]["train"]["images_per_s"] > 0
 
     # categories: sorted by id, contiguous labels, names kept
@@ -137,7 +140,13 @@ def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
     rows = list(csv.DictReader(open(out / "rejected.csv")))
     assert set(rows[0]) == {"split", "file", "image_id", "ann_id", "reason"}
     train_rows = [r for r in rows if r["split"] == "train"]
-    assert len(train_rows) == 7 + 7
+    assert len(train_rows) == 7 + 10
+    # exactly one image-level row (empty ann_id) per rejected image entry; every box row names its annotation
+    image_rows = [r for r in train_rows if r["ann_id"] == ""]
+    assert len(image_rows) == sum(m["images_rejected"].values()) == m["images"] - m["images_kept"]
+    assert {r["reason"] for r in image_rows} == set(m["images_rejected"])
+    assert {(r["image_id"], r["ann_id"]) for r in train_rows if r["reason"] == "image_rejected"} == {("12", "110"), ("15", "111")}
+    assert any(r["reason"] == "malformed_annotation" and r["ann_id"] == "#13" for r in train_rows)
     assert any(r["reason"] == "truncated" and r["file"].endswith("trunc.jpg") for r in train_rows)
     assert any(r["reason"] == "unknown_category" and r["ann_id"] == "105" for r in train_rows)
 
@@ -146,6 +155,43 @@ def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
     np.testing.assert_allclose(rec.boxes[1], [70, 50, 80, 60])  # xyxy
     assert rec.boxes.dtype == np.float32 and rec.labels.dtype == np.int64 and rec.iscrowd.tolist() == [False, False, True]
     assert [c.label for c in split.categories] == [1, 2]
+
+
+def test_index_is_reproducible_and_follows_the_raw_data(tmp_path):
+    """Same data -> byte-identical data/index; new pixels at the same size -> a different source.json."""
+    img_dir, ann = tmp_path / "images", tmp_path / "train.json"
+    img_dir.mkdir()
+    cv2.imwrite(str(img_dir / "a.png"), _img(40, 50))
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9]}],
+                               "categories": [{"id": 1, "name": "thing"}]}))
+    data = _local_data(img_dir, ann, img_dir, ann)
+
+    def index_bytes(out):
+        prepare(data, seed=0, root=tmp_path)
+        build_index("data/raw/manifest.json", IndexParams(), tmp_path / out, tmp_path / "metrics.json", root=tmp_path)
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir())}
+
+    first = index_bytes("index")
+    assert first == index_bytes("index") == index_bytes("index2")
+    source = json.loads(first["source.json"])
+    assert source["source"] == "local" and set(source["fingerprint"]) == {"train", "val"}
+    cv2.imwrite(str(img_dir / "a.png"), _img(40, 50, seed=1))  # same size and annotations, other pixels
+    changed = index_bytes("index")
+    assert changed["source.json"] != first["source.json"]
+    assert {k for k in first if changed[k] != first[k]} == {"source.json"}
+
+
+def test_fingerprint_covers_images_in_subfolders(tmp_path):
+    from mitdet.data.sources import fingerprint
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "images" / "top.png"), _img(20, 30))
+    cv2.imwrite(str(tmp_path / "images" / "sub" / "x.png"), _img(20, 30))
+    (tmp_path / "ann.json").write_text("{}")
+    first = fingerprint(tmp_path / "images", tmp_path / "ann.json")
+    assert first["images"] == 2 and first == fingerprint(tmp_path / "images", tmp_path / "ann.json")
+    cv2.imwrite(str(tmp_path / "images" / "sub" / "x.png"), _img(20, 30, seed=1))  # same size, other pixels
+    assert fingerprint(tmp_path / "images", tmp_path / "ann.json")["images_sha256"] != first["images_sha256"]
 
 
 def test_malformed_json_and_missing_split_are_clear_errors(tmp_path):

@@ -108,4 +108,18 @@ def test_prepare_synthetic_then_index(tmp_path):
     assert metrics["categories"] == len(CATEGORIES)
     split = load_split(tmp_path / "index", "train", root=tmp_path)
     assert all(Path(r.file).is_file() for r in split.images)
-    assert sorted({int(label) for r in split.images for label in r.labels}) <= list(range(1, len(CATEGORIES) + 1))
+    assert {int(label) for r in split.images for label in r.labels} <= set(range(1, len(CATEGORIES) + 1))
+
+
+def test_smallest_images_with_crowds(tmp_path):
+    """min_side = max_side = 32 (the smallest allowed) with a crowd region in every image: crowd regions can be
+    narrower than a crowd shape, which must not make the generator fail."""
+    tiny = dataclasses.replace(SMALL, train_images=30, val_images=2, min_side=32, max_side=32, empty_fraction=0.0,
+                               crowd_fraction=1.0)
+    splits = generate(tmp_path, tiny, seed=0)
+    coco = json.loads(Path(splits["train"]["annotations"]).read_text())
+    assert len(coco["images"]) == 30 and all(im["width"] == im["height"] == 32 for im in coco["images"])
+    assert any(a["iscrowd"] for a in coco["annotations"])
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert w > 0 and h > 0 and x + w <= 32 and y + h <= 32

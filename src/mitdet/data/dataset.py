@@ -22,13 +22,12 @@ READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 class DetectionDataset(Dataset):
     """Item i (or (i, epoch) from the training sampler) -> (image float32 [3,H,W] 0..1, target), or None when the
-    file cannot be decoded (counted in `self.failed`; `collate` reports it per batch)."""
+    file cannot be decoded (`collate` counts those per batch: a counter here would only see the main process)."""
 
     def __init__(self, split: SplitIndex, transform):
         self.split = split
         self.records = split.images
         self.transform = transform
-        self.failed = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -38,7 +37,6 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         image = cv2.imread(rec.file, READ_FLAGS)
         if image is None or image.shape[:2] != (rec.height, rec.width):
-            self.failed += 1
             why = "cannot be decoded" if image is None else f"is {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
             log.warning("skipping %s (image_id %d): the file %s", rec.file, rec.image_id, why)
             return None

@@ -184,24 +184,28 @@ def _is_verified(dest: Path, expected: Expected) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- extraction
-def safe_extract(archive: str | Path, target: str | Path, members_prefix: str | None = None) -> int:
+def safe_extract(archive: str | Path, target: str | Path) -> int:
     """Extract `archive` under `target` (each file written atomically); refuse the whole archive first if any
-    entry is absolute or climbs out with `..`. Returns the number of files written."""
-    target = Path(target).resolve()
+    entry is absolute or climbs out with `..`. Returns the number of files written.
+
+    Containment is checked on the normalised path, not the resolved one: a target folder (or a folder in it, such
+    as `train2017`) that is a symbolic link to another disk is a legitimate setup, not an escape."""
+    target = Path(os.path.abspath(target))
     target.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         for info in infos:
             name = info.filename
-            dest = (target / name).resolve()
-            if name.startswith(("/", "\\")) or ":" in name.split("/")[0] or not dest.is_relative_to(target):
+            dest = os.path.normpath(os.path.join(target, name))
+            if (name.startswith(("/", "\\")) or ":" in name.split("/")[0]
+                    or os.path.commonpath([target, dest]) != str(target)):
                 raise UnsafeArchiveError(f"{archive}: entry {name!r} would be written outside {target}; "
                                          f"refusing to extract this archive")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing to extract")
         written = 0
         for info in infos:
-            if info.is_dir() or (members_prefix and not info.filename.startswith(members_prefix)):
+            if info.is_dir():
                 continue
             dest = target / info.filename
             if dest.exists() and dest.stat().st_size == info.file_size:
@@ -232,9 +236,7 @@ def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = 
     and N images per split come one by one from `{base_url}/{split}2017/{file_name}`."""
     root = Path(cfg.download_dir)
     base = cfg.base_url.rstrip("/")
-    known = dict(KNOWN_FILES) if checksums is None else {}
-    known = {k: Expected(**v) if isinstance(v, dict) else v for k, v in known.items()}
-    known.update(checksums or {})
+    known = {k: Expected(**v) if isinstance(v, dict) else v for k, v in dict(KNOWN_FILES, **(checksums or {})).items()}
     counts = dict(COCO_COUNTS, **(expected_counts or {}))
     kw = dict(retries=cfg.retries, timeout_s=cfg.timeout_s, progress=progress)
 

@@ -2,7 +2,14 @@
 
 Outputs (under `out_dir`): `<split>.jsonl` (one kept image a line), `categories.json`, `instances_<split>.json`
 (the evaluation ground truth: kept images and annotations, crowd regions included), `rejected.csv` (one row per
-dropped image or box). Bad files and boxes are counted and skipped; a malformed annotation JSON is an error.
+dropped image or box) and `source.json` (the raw manifest's source and per-split fingerprint, so that the index
+changes whenever the raw data does). Bad files and boxes are counted and skipped; a malformed annotation JSON is
+an error. Nothing under `out_dir` holds timings: an unchanged dataset indexed again gives byte-identical files.
+
+rejected.csv: an image-level row (one per rejected image entry) has an empty `ann_id`; every annotation-level row
+has a non-empty one (the annotation's id, or `#<position in the JSON list>` when it has no integer id). Boxes on a
+rejected image are annotation rows with reason `image_rejected`, so per split
+annotations_kept + sum(annotations_rejected) == annotations.
 """
 from __future__ import annotations
 
@@ -134,6 +141,7 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
         if pool is not None:
             pool.close()
             pool.join()
+    write_json(out_dir / "source.json", {"source": manifest.get("source"), "fingerprint": manifest.get("fingerprint")})
     write_json(out_dir / "categories.json", [{"id": c.id, "name": c.name, "label": c.label} for c in categories])
     with atomic_path(out_dir / "rejected.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -183,11 +191,10 @@ def _categories(cocos: dict[str, dict], paths: dict[str, str]) -> list[Category]
 
 
 def _read_json_fast(path: Path):
-    data = path.read_bytes()
     if orjson is None:
         return read_json(path)
     try:
-        return orjson.loads(data)
+        return orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
@@ -217,25 +224,31 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
 
     def reject_image(file, image_id, reason):
         img_reasons[reason] += 1
-        rejected.append([split, file, image_id, "", reason])
+        rejected.append([split, file, image_id, "", reason])  # empty ann_id: an image-level row
+
+    def reject_annotation(file, image_id, ann_id, reason):
+        ann_reasons[reason] += 1
+        rejected.append([split, file, image_id, ann_id, reason])
 
     # 1. image entries: well-formed, unique ids, a plain relative file name
-    entries, seen = {}, set()
+    entries, rejected_image_ids = {}, set()
     for im in coco["images"]:
         ok = (type(im) is dict and type(im.get("id")) is int and type(im.get("file_name")) is str and im["file_name"]
               and type(im.get("width")) is int and type(im.get("height")) is int and im["width"] > 0 and im["height"] > 0)
         if not ok:
             reject_image(im.get("file_name", "") if isinstance(im, dict) else "", im.get("id", "") if isinstance(im, dict) else "",
                          "malformed_image_entry")
+            if isinstance(im, dict) and _is_int(im.get("id")):
+                rejected_image_ids.add(im["id"])
             continue
         name = im["file_name"]
         if name[0] in "/\\" or (".." in name and ".." in Path(name).parts):
             reject_image(name, im["id"], "malformed_image_entry")
+            rejected_image_ids.add(im["id"])
             continue
-        if im["id"] in entries or im["id"] in seen:
+        if im["id"] in entries:  # the first entry keeps the id (and its boxes)
             reject_image(name, im["id"], "duplicate_image_id")
             continue
-        seen.add(im["id"])
         entries[im["id"]] = (im, os.path.join(images_dir, name), [])
 
     # 2. headers, in parallel (started now, collected after the annotations: the two overlap)
@@ -246,7 +259,7 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
     # 3. annotations: well-formed, known image and category, box clipped to the JSON size and large enough
     ann_seen = set()
     min_size = params.min_box_size
-    for a in coco["annotations"]:
+    for pos, a in enumerate(coco["annotations"]):
         ok = (type(a) is dict and type(a.get("id")) is int and type(a.get("image_id")) is int
               and type(a.get("category_id")) is int and type(a.get("bbox")) is list and len(a["bbox"]) == 4
               and all(type(v) in _NUMBER for v in a["bbox"]) and math.isfinite(sum(a["bbox"]))
@@ -260,9 +273,8 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
         elif a["id"] in ann_seen:
             reason = "duplicate_annotation_id"
         elif target is None:
-            if image_id in seen:
-                continue  # its image entry was rejected: the image's row says why
-            reason = "unknown_image"
+            # an image entry that was rejected has its own row; its boxes are counted, not called unknown
+            reason = "image_rejected" if image_id in rejected_image_ids else "unknown_image"
         elif a["category_id"] not in label_of:
             reason = "unknown_category"
         else:
@@ -277,8 +289,8 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
             elif x2 - x1 < min_size or y2 - y1 < min_size:
                 reason = "box_too_small"
         if reason:
-            ann_reasons[reason] += 1
-            rejected.append([split, file, image_id, a.get("id", "") if isinstance(a, dict) else "", reason])
+            ann_id = a["id"] if isinstance(a, dict) and _is_int(a.get("id")) else f"#{pos}"
+            reject_annotation(file, image_id, ann_id, reason)
             continue
         ann_seen.add(a["id"])
         clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
@@ -291,6 +303,8 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
             reason = "size_mismatch"
         if reason:
             reject_image(file, image_id, reason)
+            for a, _, _ in anns:  # dropped with their image
+                reject_annotation(file, image_id, a["id"], "image_rejected")
             continue
         counts["images_kept"] += 1
         counts["annotations_kept"] += len(anns)

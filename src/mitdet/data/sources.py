@@ -27,11 +27,11 @@ def prepare(data: DataParams, seed: int, root: str | Path = ".") -> dict:
         out = root / RAW_DIR / "synthetic"
         tmp = root / RAW_DIR / ".synthetic.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        generate(tmp, data.synthetic, seed)  # generated aside, then swapped in: no stale files survive
+        generated = generate(tmp, data.synthetic, seed)  # generated aside, then swapped in: no stale files survive
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        splits = {s: {"images": f"{RAW_DIR}/synthetic/{s}", "annotations": f"{RAW_DIR}/synthetic/annotations/instances_{s}.json"}
-                  for s in ("train", "val")}
+        splits = {s: {k: (Path(RAW_DIR) / "synthetic" / Path(v).relative_to(tmp)).as_posix() for k, v in d.items()}
+                  for s, d in generated.items()}
     elif data.source == "coco2017":
         cfg = data.coco2017
         if not Path(cfg.download_dir).is_absolute():
@@ -54,8 +54,9 @@ def prepare(data: DataParams, seed: int, root: str | Path = ".") -> dict:
 
 
 def fingerprint(images_dir: Path, annotations: Path) -> dict:
-    """SHA-256 of the annotation JSON and of the image folder (contents when small, else names, sizes, mtimes)."""
-    entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(images_dir) if e.is_file())
+    """SHA-256 of the annotation JSON and of the image folder, subfolders included (file_name may be `sub/x.jpg`):
+    contents when small, else relative names, sizes, mtimes."""
+    entries = _walk_files(images_dir)
     total = sum(size for _, size, _ in entries)
     h = hashlib.sha256()
     for name, size, mtime in entries:
@@ -66,6 +67,19 @@ def fingerprint(images_dir: Path, annotations: Path) -> dict:
             h.update(str(mtime).encode())
     return {"annotations_sha256": _sha256(annotations), "images": len(entries), "images_bytes": total,
             "images_sha256": h.hexdigest(), "images_hashed_by": "content" if total <= FULL_HASH_LIMIT else "name+size+mtime"}
+
+
+def _walk_files(folder: Path) -> list[tuple[str, int, int]]:
+    """(path relative to `folder` with `/`, size, mtime_ns) of every file below it, sorted (deterministic)."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path):
+                st = os.stat(path)
+                entries.append((Path(path).relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(entries)
 
 
 def _sha256(path: Path) -> str:

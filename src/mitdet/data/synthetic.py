@@ -223,7 +223,7 @@ def _draw_crowd(rng, img, owner, objects) -> None:
     color = np.array(cat["color"], np.float32)
     mask = np.zeros((h, w), np.uint8)
     for _ in range(int(rng.integers(8, 16))):
-        s = int(rng.integers(5, 10))
+        s = min(int(rng.integers(5, 10)), rw, rh)  # a 32-39 px image can give a region narrower than a shape
         _draw_shape(mask, cat["name"], int(rng.integers(rx, rx + rw - s + 1)), int(rng.integers(ry, ry + rh - s + 1)), s, s, rng)
     sel = mask > 0
     img[sel] = np.clip(color + rng.normal(0, 12, 3), 0, 255).astype(np.uint8)

@@ -35,15 +35,24 @@ class DetectionTransform:
         self.pipeline = A.Compose(aug, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
                                                                 clip=True, min_area=0.0, min_visibility=0.0),
                                   seed=seed) if aug else None
+        self._resizers: dict[tuple[int, int], A.Compose] = {}  # deterministic, so built once per output size
+
+    def _resizer(self, nh: int, nw: int) -> A.Compose:
+        resize = self._resizers.get((nh, nw))
+        if resize is None:
+            if len(self._resizers) >= 512:  # COCO has thousands of sizes: bound the cache
+                self._resizers.clear()
+            resize = self._resizers[nh, nw] = A.Compose(
+                [A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR)],
+                bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True))
+        return resize
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, epoch: int = 0, index: int = 0):
         rng = np.random.default_rng([self.seed, epoch, index])
         min_size = self.scales[int(rng.integers(len(self.scales)))] if len(self.scales) > 1 else self.scales[0]
         h, w = image.shape[:2]
         nh, nw, scale = resized_shape(h, w, min_size, self.max_size)
-        resize = A.Compose([A.Resize(nh, nw, interpolation=cv2.INTER_LINEAR)],
-                           bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True))
-        out = resize(image=image, bboxes=boxes.reshape(-1, 4), labels=labels)
+        out = self._resizer(nh, nw)(image=image, bboxes=boxes.reshape(-1, 4), labels=labels)
         if self.pipeline is not None:
             # reseed from (seed, epoch, index): albumentations keeps its own generators (CALIBRATION.md)
             self.pipeline.set_random_seed(int(rng.integers(2**31 - 1)))
