@@ -22,14 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params_or_exit(args.params)
     if args.backbone not in params.backbones:
         parser.error(f"{args.backbone} is not in params.yaml `backbones:` ({', '.join(params.backbones)})")
-    threads = params.train.for_backbone(args.backbone).threads
-    if threads:
+    if params.evaluate.threads:
         import torch
-        torch.set_num_threads(threads)
+        torch.set_num_threads(params.evaluate.threads)
 
     from mitdet.engine.evaluate import evaluate_backbone
-    metrics = evaluate_backbone(args.backbone, params.evaluate, device=params.evaluate.device,
-                                amp=params.evaluate.amp, num_workers=params.evaluate.num_workers, seed=params.seed, progress=sys.stderr.isatty())
+    metrics = evaluate_backbone(args.backbone, params.evaluate, seed=params.seed, progress=sys.stderr.isatty())
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -33,6 +33,9 @@ def test_two_processes_with_gloo_train_and_only_rank0_writes(tmp_path):
     assert [r["step"] for r in read_csv(tmp_path / p.train_batches_csv)] == ["1", "2"]
     state = ckpt.load(tmp_path / p.checkpoints / "last.pt")
     assert state["finished"] and state["fingerprint"]["extra"]["world_size"] == 2
+    # each rank's own RNG streams and partial sums, restored by that rank on resume (seeded seed + rank)
+    assert len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
     weights = load_file(tmp_path / p.weights)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not list(tmp_path.rglob("*.tmp"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mitdet.engine.evaluate import (EVAL_KEYS, backbone_autocast, draw_sample, measure_speed, predict,
-                                    to_coco_results)
+from mitdet.engine.evaluate import (EVAL_KEYS, backbone_autocast, draw_sample, images_left_out_by_index,
+                                    measure_speed, predict, to_coco_results)
 from mitdet.engine.scoring import score
 
 LABEL_TO_CATEGORY = {1: 3, 2: 7}  # contiguous labels -> original COCO ids
@@ -129,7 +129,25 @@ def test_backbone_autocast_wraps_only_the_backbone_and_restores_it():
     with backbone_autocast(model, torch.device("cuda"), "bf16"):  # patched (not run on a GPU here)
         assert "forward" in model.backbone.__dict__
         assert model([torch.rand(3, 8, 8)])[0].dtype == torch.float32  # the heads get float32 features
+        patched = model.backbone.forward
+        with backbone_autocast(model, torch.device("cuda"), "bf16"):  # validation inside training
+            assert model.backbone.forward is patched
+        assert model.backbone.forward is patched  # the inner one left the outer patch in place
     assert "forward" not in model.backbone.__dict__
+
+
+def test_images_left_out_by_index_counts_the_splits_image_rows_of_rejected_csv(tmp_path):
+    path = tmp_path / "rejected.csv"
+    assert images_left_out_by_index(path) is None  # no rejected.csv: nothing to say
+    path.write_text("split,file,image_id,ann_id,reason\n"
+                    "val,a.jpg,1,,unreadable_image\n"
+                    "val,a.jpg,1,11,image_rejected\n"       # a box of that image: not another image
+                    "val,b.jpg,2,12,box_too_small\n"
+                    "val,,,,malformed_image_entry\n"
+                    "train,c.jpg,3,,unreadable_image\n")
+    assert images_left_out_by_index(path, "val") == 2 and images_left_out_by_index(path, "train") == 1
+    path.write_text("split,file,image_id,ann_id,reason\n")
+    assert images_left_out_by_index(path, "val") == 0
 
 
 def test_draw_sample_enlarges_small_images_for_readable_labels():
@@ -200,8 +218,8 @@ def evaluated_project(tmp_path, capsys):
     save_inference_model(model, {"backbone": "mit_b0", "num_classes": 4, "categories": categories,
                                  "model": to_dict(model_params)}, tmp_path / "models/mit_b0")
     params = EvaluateParams(batch_size=2, scorer="faster_coco_eval", samples=2, sample_score_thresh=0.0,
-                            speed_images=2, speed_warmup=1)
-    metrics = evaluate_backbone("mit_b0", params, device="cpu", amp="auto", root=tmp_path, progress=False)
+                            speed_images=2, speed_warmup=1, device="cpu", amp="auto", num_workers=0)
+    metrics = evaluate_backbone("mit_b0", params, root=tmp_path, progress=False)
     return tmp_path, metrics, capsys.readouterr().out
 
 

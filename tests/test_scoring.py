@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mitdet.engine.scoring import SUMMARY_KEYS, per_class_table, score
+from mitdet.engine.scoring import SUMMARY_KEYS, load_coco, per_class_table, score
 from mitdet.io import read_json, write_json
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -145,6 +145,17 @@ def test_image_ids_restrict_scoring_to_those_images():
     assert s.per_class["cat"]["num_gt"] == 1 and s.num_images == 2
     with pytest.raises(ValueError, match="not in the ground truth"):
         score(gt, dets, image_ids=[10, 999])
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_a_ground_truth_loaded_once_scores_like_a_fresh_one_every_time(scorer):
+    gt = make_gt()
+    half = [d for d in as_detections(gt) if d["image_id"] != 20]
+    loaded = load_coco(gt, scorer)  # what the training loop keeps between validations
+    for dets, ids in ((half, None), (as_detections(gt), [10, 30]), ([], None), (half, None)):
+        a, b = score(loaded, dets, scorer=scorer, image_ids=ids), score(make_gt(), dets, scorer=scorer, image_ids=ids)
+        assert (a.summary, a.per_class, a.pr_curves) == (b.summary, b.per_class, b.pr_curves)
+    assert gt == make_gt()  # a dict passed in is copied, never changed
 
 
 def test_results_on_unknown_images_fail_clearly():

@@ -88,6 +88,8 @@ def test_a_run_writes_every_declared_output(run_dir, index_dir):
     p = BackbonePaths(B)
     ck = Path(p.checkpoints)
     assert {f.name for f in ck.glob("*.pt")} == {"last.pt", "best.pt", "epoch_002.pt"}  # keep: 1
+    epoch_ck = ckpt.load(ck / "epoch_002.pt")  # a copy of last.pt as the epoch ended
+    assert (epoch_ck["step"], epoch_ck["epoch"], epoch_ck["batch_in_epoch"], epoch_ck["finished"]) == (4, 2, 0, False)
     for path in (p.weights, p.model_json, p.train_metrics, p.train_batches_csv, p.train_epochs_csv,
                  p.val_history_csv):
         assert Path(path).is_file(), path
@@ -146,6 +148,33 @@ def test_resume_is_bitwise_exact(tmp_path, index_dir, stop_at, workers):
     b_last = ckpt.load(resumed / BackbonePaths(B).checkpoints / "last.pt")
     assert same_weights(a_last["model"], b_last["model"])  # the last weights too, bitwise
     assert a == b  # CSV rows (but wall-clock columns), validation history, train.json
+
+
+def test_resume_after_the_last_epoch_before_the_final_validation(tmp_path, index_dir, monkeypatch):
+    from mitdet.engine import train as train_mod
+    t = tiny_train(epochs=2, **WITH_EVAL)  # 8 steps, validation every 3; the final one (step 8) runs after the loop
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, index_dir, t)
+    validate = train_mod.validate
+
+    def dies_at_the_end(model, loader, device, amp, label_to_category, gt, step):
+        if step == 8:
+            raise RuntimeError("killed during the final validation")
+        return validate(model, loader, device, amp, label_to_category, gt, step)
+
+    monkeypatch.setattr(train_mod, "validate", dies_at_the_end)
+    with pytest.raises(RuntimeError, match="final validation"):
+        run(resumed, index_dir, t)
+    monkeypatch.undo()
+    state = ckpt.load(resumed / BackbonePaths(B).checkpoints / "last.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"], state["finished"]) == (8, 2, 0, False)
+    result = run(resumed, index_dir, t)
+    assert result["resumed_from_step"] == 8
+    b_last = ckpt.load(resumed / BackbonePaths(B).checkpoints / "last.pt")
+    assert b_last["epoch"] == 2 and b_last["finished"]  # not epoch 3: no epoch was left to run
+    a, b = outputs(straight), outputs(resumed)
+    assert same_weights(a.pop("weights"), b.pop("weights"))
+    assert a == b and b["val"][-1]["epoch"] == "2"
 
 
 def test_same_params_give_the_same_metrics_twice(tmp_path, index_dir):
@@ -210,6 +239,18 @@ def test_a_nonfinite_loss_step_is_skipped_and_counted(run_dir, index_dir):
     assert all(torch.isfinite(w).all() for w in weights.values())
     rows = read_csv(BackbonePaths(B).train_batches_csv)
     assert all(math.isfinite(float(r["loss"])) for r in rows)  # the skipped step is not averaged in
+
+
+def test_a_log_window_of_only_nonfinite_steps_logs_no_loss(run_dir, index_dir):
+    t = tiny_train(epochs=1, max_nonfinite_steps=3)  # 4 steps, a log row every 2
+    result = train(B, t, tiny_model(), seed=0, index_dir=index_dir, model_fn=nan_at({1, 2}))
+    assert result["nonfinite_steps"] == 2 and result["steps"] == 4
+    rows = read_csv(BackbonePaths(B).train_batches_csv)
+    assert [r["step"] for r in rows] == ["2", "4"]
+    assert rows[0]["loss"] == "" and rows[0]["loss_classifier"] == ""  # empty, not 0.0
+    assert math.isfinite(float(rows[1]["loss"])) and float(rows[1]["loss"]) > 0
+    epochs = read_csv(BackbonePaths(B).train_epochs_csv)
+    assert float(epochs[0]["avg_loss"]) == pytest.approx(float(rows[1]["loss"]), rel=1e-4)  # steps 3-4 only
 
 
 def test_too_many_nonfinite_steps_stop_keeping_the_last_good_checkpoint(run_dir, index_dir):
@@ -336,7 +377,8 @@ def test_fingerprint_follows_what_shapes_training(tmp_path, monkeypatch, index_d
 
 
 def test_the_fingerprinted_code_is_the_train_stage_code_dependency():
-    from mitdet import pipeline
+    from mitdet import paths, pipeline
     stage = pipeline.stages_for([B])[f"train_{B}"]
     code_deps = {d for d in stage["deps"] if d.startswith("src/mitdet/")}
-    assert code_deps == {f"src/mitdet/{p}" for p in ckpt.TRAIN_CODE}
+    assert code_deps == {f"src/mitdet/{p}" for p in paths.TRAIN_CODE}
+    assert not hasattr(ckpt, "TRAIN_CODE")  # one list: the fingerprint hashes paths.TRAIN_CODE

@@ -5,13 +5,11 @@ numbers null, never zero.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
-from mitdet.io import atomic_path, read_json, write_json, write_text
+from mitdet.io import atomic_path, csv_text, read_json, write_json, write_text
 from mitdet.params import BACKBONE_NAMES, ReportParams
 from mitdet.paths import REPORT_JSON, REPORT_MD, REPORT_PLOTS, BackbonePaths
 
@@ -72,7 +70,7 @@ def pareto_set(points: dict[str, tuple[float | None, float | None]]) -> list[str
     return sorted(front, key=lambda n: (valid[n][0], n))
 
 
-def per_class_table(backbones: list[str], rows: dict[str, dict], root: str | Path = ".") -> dict[str, dict[str, Any]]:
+def ap_by_class_and_backbone(backbones: list[str], rows: dict[str, dict], root: str | Path = ".") -> dict[str, dict[str, Any]]:
     """class -> {backbone: AP or None, '_num_gt': the largest GT count any backbone saw} over backbones with metrics."""
     root = Path(root)
     table: dict[str, dict[str, Any]] = {}
@@ -128,15 +126,6 @@ def markdown(report: dict) -> str:
     lines.append("AP is COCO AP@[.50:.95] on the validation split; ms/image is batch-1 latency on the evaluating "
                  "device; GFLOPs at the model's input size (min_size x max_size).")
     return "\n".join(lines) + "\n"
-
-
-def _csv(header: list[str], rows: list[list]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    return buf.getvalue()
 
 
 def _save_png(fig, path: Path) -> None:
@@ -235,16 +224,16 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
 
     plots = root / REPORT_PLOTS
     keys = ["AP", "AP50", "AP75"]
-    write_text(plots / "ap_vs_params.csv", _csv(
+    write_text(plots / "ap_vs_params.csv", csv_text(
         ["backbone", "params_m", "gflops", *keys, "pareto"],
         [[b, r["params_m"], r["gflops"], *(r[k] for k in keys), int(b in pareto_params)]
          for b, r in ok.items() if r["params_m"] is not None and r[metric] is not None]))
-    write_text(plots / "ap_vs_latency.csv", _csv(
+    write_text(plots / "ap_vs_latency.csv", csv_text(
         ["backbone", "ms_per_image", "images_per_s", *keys, "pareto"],
         [[b, r["ms_per_image"], r["images_per_s"], *(r[k] for k in keys), int(b in pareto)]
          for b, r in ok.items() if r["ms_per_image"] is not None and r[metric] is not None]))
-    table = per_class_table(backbones, rows, root)
-    write_text(plots / "per_class_ap.csv", _csv(
+    table = ap_by_class_and_backbone(backbones, rows, root)
+    write_text(plots / "per_class_ap.csv", csv_text(
         ["class", "backbone", "AP"],
         [[c, b, e[b]] for c, e in table.items() for b in backbones if e.get(b) is not None]))
     _scatter_png(out, "params_m", "parameters (M)", pareto_params, f"Pareto front (fewer params, higher {metric})",

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 import mitdet
+from mitdet import paths
 from mitdet.io import atomic_path
 from mitdet.params import ModelParams, TrainParams, to_dict
 
@@ -44,20 +46,12 @@ def index_hash(index_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-# The code that trains, relative to src/mitdet: the same files as the train stages' code deps in dvc.yaml
-# (mitdet.pipeline), so an edit that makes DVC rerun training also refuses to resume across it, and editing the
-# report, the CLI or data preparation does neither.
-TRAIN_CODE = ("engine/train.py", "engine/optim.py", "engine/checkpoint.py", "engine/logs.py", "engine/monitor.py",
-              "engine/distributed.py", "engine/evaluate.py", "engine/scoring.py", "models",
-              "data/index.py", "data/dataset.py", "data/transforms.py", "data/sampler.py",
-              "params.py", "io.py", "paths.py")
-
-
 def code_hash() -> str:
-    """Hash of the Python code that trains (TRAIN_CODE under src/mitdet), by relative path and content."""
+    """Hash of the Python code that trains (paths.TRAIN_CODE under src/mitdet: also the train stages' code deps in
+    dvc.yaml, so an edit that reruns training also refuses to resume across it), by relative path and content."""
     root = Path(mitdet.__file__).resolve().parent
     files = []
-    for part in TRAIN_CODE:
+    for part in paths.TRAIN_CODE:
         path = root / part
         files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
     h = hashlib.sha256()
@@ -136,6 +130,12 @@ def save(path: str | Path, state: dict) -> None:
     """torch.save through a temporary file and a rename: a kill never leaves a torn checkpoint."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def copy(src: str | Path, dst: str | Path) -> None:
+    """A byte copy of a saved checkpoint (e.g. last.pt -> epoch_NNN.pt), through a temporary file and a rename."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def load(path: str | Path) -> dict:

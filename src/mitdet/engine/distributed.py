@@ -1,6 +1,7 @@
 """torchrun / DistributedDataParallel helpers: only rank 0 writes files and prints."""
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import warnings
@@ -9,6 +10,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+# How long a collective waits for the other ranks: validation runs on rank 0 alone (a full COCO val can take
+# well over the default 10 minutes) while the others wait at the next collective.
+TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ def init(device: torch.device) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=TIMEOUT)
     return info
 
 
@@ -78,10 +84,6 @@ def wrap(model: nn.Module, info: Dist, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place; the tensor itself when single-process)."""
     if dist.is_available() and dist.is_initialized():
@@ -102,3 +104,12 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order (`[obj]` when single-process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

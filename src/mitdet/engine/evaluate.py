@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 
 from mitdet.engine.scoring import Scores, per_class_table, score
-from mitdet.io import read_json, write_bytes, write_json, write_text
-from mitdet.paths import INDEX_DIR, INDEX_METRICS, BackbonePaths
+from mitdet.io import csv_text, write_bytes, write_json, write_text
+from mitdet.paths import INDEX_DIR, REJECTED_CSV, BackbonePaths
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +35,41 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set train.device to auto or cpu")
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set the device to auto or cpu")
     return torch.device(device)
 
 
-def _amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    """Half-precision dtype for inference, or None (CPU, or amp off)."""
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_mode(amp: str, device: torch.device) -> str:
+    """The precision actually used for `amp` (auto | bf16 | fp16 | off): bf16 | fp16 | off (off outside CUDA)."""
     if amp not in ("auto", "bf16", "fp16", "off"):
         raise ValueError(f"amp = {amp!r}; choose one of auto, bf16, fp16, off")
     if device.type != "cuda" or amp == "off":
-        return None
+        if amp in _HALF:
+            log.info("amp = %s ignored on %s: running in float32", amp, device.type)
+        return "off"
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
 
 
 @contextlib.contextmanager
 def backbone_autocast(model: torch.nn.Module, device: torch.device, amp: str):
-    """Run only `model.backbone` (encoder + FPN, most of the compute) in half precision.
+    """Run only `model.backbone` (encoder + FPN, most of the compute) in half precision, in training and inference.
 
     Under a whole-model autocast torchvision decodes boxes in the regression head's dtype (BoxCoder casts the
     proposals to it): in bf16 a coordinate near 1000 px moves in steps of 4 px, which costs AP75. So the heads
-    stay in float32 and the features are cast back to it.
+    stay in float32 and the features are cast back to it. Nested uses (validation inside training) keep the
+    outer one.
     """
-    dtype = _amp_dtype(device, amp)
+    mode = amp_mode(amp, device)
     backbone = getattr(model, "backbone", None)
-    if dtype is None or backbone is None:
+    if mode == "off" or backbone is None or "forward" in backbone.__dict__:  # off, or already patched
         yield
         return
-    original = backbone.forward
+    original, dtype = backbone.forward, _HALF[mode]
 
     def forward(*args, **kwargs):
         with torch.autocast(device.type, dtype=dtype):
@@ -175,20 +180,11 @@ def measure_speed(model: torch.nn.Module, images: list[torch.Tensor], device: st
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def _csv_text(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    return buf.getvalue()
-
-
 def per_class_ap_csv(scores: Scores) -> str:
     """class, AP, AP50 for the classes with GT, best first (a bar chart in dvc plots)."""
     rows = [(n, r["AP"], r["AP50"]) for n, r in scores.per_class.items() if r["AP"] is not None]
     rows.sort(key=lambda r: (-r[1], r[0]))
-    return _csv_text(["class", "AP", "AP50"], rows)
+    return csv_text(["class", "AP", "AP50"], rows)
 
 
 def pr_curve_csv(scores: Scores) -> str:
@@ -201,7 +197,7 @@ def pr_curve_csv(scores: Scores) -> str:
     for r in scores.pr_curves:
         by_recall.setdefault(r["recall"], {})[round(float(r["iou"]), 2)] = r["precision"]
     rows = ((rec, v.get(0.5), v.get(0.75)) for rec, v in sorted(by_recall.items()))
-    return _csv_text(["recall", "precision_iou50", "precision_iou75"], rows)
+    return csv_text(["recall", "precision_iou50", "precision_iou75"], rows)
 
 
 def eval_metrics(scores: Scores, speed: dict, params_m: float | None, gflops: float | None,
@@ -212,20 +208,16 @@ def eval_metrics(scores: Scores, speed: dict, params_m: float | None, gflops: fl
     return {k: values.get(k) for k in EVAL_KEYS}
 
 
-def images_left_out_by_index(index_metrics: str | Path, split: str = "val") -> int | None:
-    """How many images of `split` build_index rejected, from metrics/index.json (None when it does not say)."""
-    path = Path(index_metrics)
+def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> int | None:
+    """How many images of `split` build_index rejected: its image-level rows (empty `ann_id`) in rejected.csv.
+
+    None when the file is absent (an index built elsewhere).
+    """
+    path = Path(rejected_csv)
     if not path.exists():
         return None
-    node = (read_json(path).get("splits") or {}).get(split)
-    if not isinstance(node, dict):
-        return None
-    rejected = node.get("images_rejected")  # {reason: count}
-    if isinstance(rejected, dict):
-        return int(sum(v for v in rejected.values() if isinstance(v, int)))
-    if isinstance(node.get("images"), int) and isinstance(node.get("images_kept"), int):
-        return node["images"] - node["images_kept"]
-    return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return sum(1 for row in csv.DictReader(f) if row.get("split") == split and not row.get("ann_id"))
 
 
 # ------------------------------------------------------------------------------------------ samples
@@ -318,12 +310,13 @@ def write_samples(records: list, results: list[dict], names: dict[int, str], out
 
 
 # ------------------------------------------------------------------------------------------ stage
-def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str = "auto", num_workers: int = 0,
-                      seed: int = 0, root: str | Path = ".", split: str = "val", progress: bool = True) -> dict[str, Any]:
+def evaluate_backbone(backbone: str, evaluate, *, seed: int = 0, root: str | Path = ".", split: str = "val",
+                      progress: bool = True) -> dict[str, Any]:
     """The evaluate_<backbone> stage: models/<b>/ + data/index/ -> predictions, metrics, plots, samples.
 
-    `evaluate` is params.evaluate. The input size (loader resize, GFLOPs) is the one the model was trained
-    with, from its model.json, so the stage depends on models/<b>/ and not on params.model.
+    `evaluate` is params.evaluate (batch size, device, amp, loader workers, scorer, outputs). The input size
+    (loader resize, GFLOPs) is the one the model was trained with, from its model.json, so the stage depends on
+    models/<b>/ and not on params.model.
     Returns the eval.json dict.
     """
     from mitdet.data.dataset import build_loader
@@ -333,7 +326,8 @@ def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str
 
     root = Path(root)
     bp = BackbonePaths(backbone)
-    dev = resolve_device(device)
+    dev = resolve_device(evaluate.device)
+    amp = evaluate.amp
     model, spec = load_inference_model(str(root / bp.model_dir), device=str(dev))
     categories = spec["categories"]
     label_to_category = {int(c["label"]): int(c["id"]) for c in categories}
@@ -346,7 +340,7 @@ def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str
         raise ValueError(f"{root / bp.model_json}: its categories (id, label) differ from {root / INDEX_DIR}/"
                          "categories.json; the model was trained on another index: rerun its train stage")
     loader = build_loader(index, model=model_params, train=None, seed=seed, training=False,
-                          batch_size=evaluate.batch_size, num_workers=num_workers, limit_images=evaluate.max_images)
+                          batch_size=evaluate.batch_size, num_workers=evaluate.num_workers, limit_images=evaluate.max_images)
     results, stats = predict(model, loader, dev, label_to_category, amp=amp, progress=progress)
     write_json(root / bp.predictions, results, indent=None)
     log.info("%s: %d detections on %d images in %.1f s (%d unreadable)", backbone, stats["detections"],
@@ -366,7 +360,7 @@ def evaluate_backbone(backbone: str, evaluate, *, device: str = "auto", amp: str
 
     metrics = eval_metrics(scores, speed, params_m, gflops, stats["images"])
     metrics["images_skipped"] = stats["skipped"]
-    left_out = images_left_out_by_index(root / INDEX_METRICS, split)
+    left_out = images_left_out_by_index(root / REJECTED_CSV, split)
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
     write_json(root / bp.eval_metrics, metrics)

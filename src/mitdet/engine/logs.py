@@ -1,15 +1,13 @@
 """What a run tells while it trains: CSV histories (for dvc plots), TensorBoard, the progress bar, log lines."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import sys
 import time
 
 from tqdm import tqdm
 
-from mitdet.io import write_text
+from mitdet.io import csv_text, write_text
 
 BATCH_COLUMNS = ["epoch", "step", "loss", "loss_classifier", "loss_box_reg", "loss_objectness",
                  "loss_rpn_box_reg", "lr", "images_per_s", "timestamp"]
@@ -21,6 +19,9 @@ LOSS_KEYS = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box
 
 class CsvLog:
     """Rows kept in memory and rewritten whole (temp file + rename) at each flush: never a torn file.
+
+    The loop flushes at checkpoint saves, epoch ends and the end of the run (not at every row: each flush
+    rewrites the whole file).
 
     `rows` travel in the checkpoint, so a resumed run starts from exactly the rows of the step it resumes.
     """
@@ -35,19 +36,7 @@ class CsvLog:
     def flush(self) -> None:
         if self.path is None:  # not rank 0
             return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({c: _fmt(r.get(c, "")) for c in self.columns} for r in self.rows)
-        write_text(self.path, buf.getvalue())
-
-
-def _fmt(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if value is None:
-        return ""
-    return value
+        write_text(self.path, csv_text(self.columns, ([r.get(c) for c in self.columns] for r in self.rows)))
 
 
 def now() -> str:

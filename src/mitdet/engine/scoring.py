@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 SCORERS = ("pycocotools", "faster_coco_eval")
 # COCOeval.stats index of each summary key (the first 9 of its 12 bbox stats)
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
-PER_CLASS_KEYS = ("AP", "AP50", "AP75", "recall", "num_preds", "num_gt")
-PR_IOUS = (0.5, 0.75)
+PR_IOUS = (0.5, 0.75)  # the IoU thresholds of the PR curves
 AGGREGATE_N = 10  # top10_mAP / bottom10_mAP
 
 
@@ -91,15 +90,29 @@ def _check_results(results: list[dict], image_ids: set[int], where: str = "resul
                          "score predictions against the instances_<split>.json of the split they were made on")
 
 
-def score(gt_json: str | Path | dict, results: list[dict], scorer: str = "pycocotools",
-          image_ids: Iterable[int] | None = None) -> Scores:
-    """COCO bbox metrics of `results` (COCO results list) against `gt_json` (path or dict).
+def load_coco(gt_json: str | Path | dict, scorer: str = "pycocotools"):
+    """The ground truth as the scorer's indexed COCO object: load it once and pass it to `score` many times."""
+    COCO, _ = _backend(scorer)
+    gt = load_ground_truth(gt_json)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+    return coco_gt
 
-    `image_ids` restricts scoring to those images (results on other images are dropped), e.g. the N images a
-    quick validation ran on. Empty results give AP 0 for every class with GT and a logged warning.
+
+def score(gt_json, results: list[dict], scorer: str = "pycocotools",
+          image_ids: Iterable[int] | None = None) -> Scores:
+    """COCO bbox metrics of `results` (COCO results list) against `gt_json`.
+
+    `gt_json`: a path, a dict (copied), or the COCO object `load_coco(..., scorer)` returned (used as is, so a
+    loop that scores often loads it once). `image_ids` restricts scoring to those images (results on other
+    images are dropped), e.g. the N images a quick validation ran on. Empty results give AP 0 for every class
+    with GT and a logged warning.
     """
     COCO, COCOeval = _backend(scorer)
-    gt = load_ground_truth(gt_json)
+    coco_gt = gt_json if hasattr(gt_json, "createIndex") else load_coco(gt_json, scorer)
+    gt = coco_gt.dataset
     all_ids = {img["id"] for img in gt["images"]}
     if image_ids is None:
         ids = sorted(all_ids)
@@ -120,9 +133,6 @@ def score(gt_json: str | Path | dict, results: list[dict], scorer: str = "pycoco
 
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
         if dets:
             coco_dt = coco_gt.loadRes(dets)
         else:
@@ -196,7 +206,8 @@ def _scores_from_eval(ev, gt: dict, dets: list[dict], keep: set[int], scorer: st
 
     pr_rows = []
     if with_gt:
-        for thr, t in ((0.5, t50), (0.75, t75)):
+        for thr in PR_IOUS:
+            t = int(np.argmin(np.abs(iou - thr)))
             curve = precision[t, :, with_gt, a_all, m100]  # [classes with GT, R] (fancy index moves K first)
             curve = np.where(curve > -1, curve, 0.0).mean(axis=0)
             pr_rows += [{"iou": thr, "recall": round(float(r), 2), "precision": float(v)}

@@ -26,10 +26,12 @@ from mitdet.data.dataset import build_loader
 from mitdet.data.index import load_split
 from mitdet.engine import checkpoint as ckpt
 from mitdet.engine import distributed
+from mitdet.engine.evaluate import amp_mode, backbone_autocast, predict, resolve_device
 from mitdet.engine.logs import (BATCH_COLUMNS, EPOCH_COLUMNS, LOSS_KEYS, VAL_COLUMNS, CsvLog, TensorBoard, now,
                                 progress_bar)
 from mitdet.engine.monitor import Monitor
 from mitdet.engine.optim import Schedule, build_optimizer
+from mitdet.engine.scoring import load_coco, score
 from mitdet.io import write_json
 from mitdet.models import build_detector, count_parameters, save_inference_model
 from mitdet.params import ModelParams, TrainParams, to_dict
@@ -47,36 +49,6 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-def pick_device(name: str) -> torch.device:
-    """`auto`: cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = cuda but no CUDA device is visible; set train.device: auto or cpu")
-    return torch.device(name)
-
-
-def amp_mode(amp: str, device: torch.device) -> str:
-    """The precision actually used: bf16 | fp16 | off (always off outside CUDA)."""
-    if device.type != "cuda" or amp == "off":
-        if amp in ("bf16", "fp16"):
-            log.info("train.amp = %s ignored on %s: training in float32", amp, device.type)
-        return "off"
-    if amp == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return amp
-
-
-def autocast(mode: str, device: torch.device):
-    if mode == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
 def seed_everything(seed: int) -> None:
     import random
 
@@ -160,7 +132,6 @@ def locked(directory: Path, enabled: bool = True):
 # ------------------------------------------------------------------------------------------- evaluation
 def quick_eval(model, loader, device, amp: str, label_to_category: dict, names: dict, top_k: int, step: int):
     """Predictions on a few images: how many, which categories, the top-k by count (log lines only)."""
-    from mitdet.engine.evaluate import predict
     with ckpt.preserved_rng():
         results, stats = predict(model, loader, device, label_to_category, amp=amp, progress=False)
     model.train()
@@ -170,13 +141,14 @@ def quick_eval(model, loader, device, amp: str, label_to_category: dict, names: 
              step, len(results), stats["images"], len(counts), top or "-")
 
 
-def validate(model, loader, device, amp: str, label_to_category: dict, gt_json: str, step: int) -> dict:
-    """COCO AP/AP50/AP75 on the validation images (rank 0), with the top and bottom classes in the log."""
-    from mitdet.engine.evaluate import predict
-    from mitdet.engine.scoring import score
+def validate(model, loader, device, amp: str, label_to_category: dict, gt, step: int) -> dict:
+    """COCO AP/AP50/AP75 on the validation images (rank 0), with the top and bottom classes in the log.
+
+    `gt`: the ground truth as `scoring.load_coco` returns it (loaded once per run), or its path.
+    """
     with ckpt.preserved_rng():
         results, stats = predict(model, loader, device, label_to_category, amp=amp, progress=False)
-        scores = score(gt_json, results, image_ids=stats["image_ids"])
+        scores = score(gt, results, image_ids=stats["image_ids"])
     model.train()
     s = {k: float(scores.summary.get(k) or 0.0) for k in ("AP", "AP50", "AP75")}
     ranked = sorted(((v["AP"], name) for name, v in scores.per_class.items() if v.get("AP") is not None),
@@ -206,7 +178,7 @@ def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, inde
 
 
 def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, should_stop, model_fn) -> dict:
-    device = pick_device(train.device)
+    device = resolve_device(train.device)
     dist_info = distributed.init(device)
     if device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
@@ -225,13 +197,33 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
     bs, accum = train.batch_size, train.grad_accum
     loader_args = dict(model=model, train=train, seed=seed, batch_size=bs, num_workers=train.num_workers,
                        rank=dist_info.rank, world_size=dist_info.world_size)
+
+    # -- the run's identity, and what is left of it on disk: rank 0 decides whether to resume, the others follow
+    fp = ckpt.fingerprint(train, model, seed, index_dir,
+                          {"backbone": backbone, "world_size": dist_info.world_size, **(fingerprint_extra or {})})
+    ck_dir = Path(out.checkpoints)
+    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
+    state = ckpt.load_matching(last_path, fp) if main else None
+    if main and state is None:
+        for stale in [best_path, *ck_dir.glob("epoch_*.pt")]:
+            if stale.exists():
+                stale.unlink()
+                log.info("removed %s of an earlier run", stale)
+    if distributed.broadcast_object(state is not None) and not main:
+        state = ckpt.load(last_path)
+
+    # -- the batches: one training loader for the whole run (its persistent workers outlive the epochs)
+    start_epoch, start_batch = (state["epoch"], state["batch_in_epoch"]) if state is not None else (0, 0)
+    train_loader = None
     if train.overfit_batches > 0:  # N fixed batches, no augmentation, in index order; validated on themselves
         fixed = build_loader(train_split, training=False, limit_images=train.overfit_batches * bs, **loader_args)
         fixed_batches = list(fixed)
         batches_per_epoch = len(fixed_batches)
         val_split, gt_json = train_split, str(Path(index_dir) / "instances_train.json")
     else:
-        batches_per_epoch = len(build_loader(train_split, training=True, epoch=0, **loader_args))
+        train_loader = build_loader(train_split, training=True, epoch=start_epoch, skip_batches=start_batch,
+                                    **loader_args)
+        batches_per_epoch = len(train_loader)  # the same for every epoch and rank; skipping does not change it
         val_split, gt_json = None, str(Path(index_dir) / "instances_val.json")
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
@@ -246,21 +238,6 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
     if train.overfit_batches > 0:
         val_limit = min(val_limit or 10**9, train.overfit_batches * bs)
 
-    # -- the run's identity, and what is left of it on disk
-    fp = ckpt.fingerprint(train, model, seed, index_dir,
-                          {"backbone": backbone, "world_size": dist_info.world_size, **(fingerprint_extra or {})})
-    ck_dir = Path(out.checkpoints)
-    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
-    state = ckpt.load_matching(last_path, fp) if main else None
-    if main and state is None:
-        for stale in [best_path, *ck_dir.glob("epoch_*.pt")]:
-            if stale.exists():
-                stale.unlink()
-                log.info("removed %s of an earlier run", stale)
-    distributed.barrier()
-    if not main and last_path.exists():
-        state = ckpt.load_matching(last_path, fp)
-
     # -- model, optimizer, schedule (same init on every rank; DDP also broadcasts rank 0's weights)
     seed_everything(seed)
     det = (model_fn or build_detector)(backbone, num_classes=len(categories) + 1, model=model,
@@ -271,7 +248,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
     monitor = Monitor.from_params(train)
     rows = {"batches": [], "epochs": [], "val": []}
-    start_step = start_epoch = start_batch = 0
+    start_step = 0
     seconds_before, images_seen, images_skipped, resumed_from = 0.0, 0, 0, 0
     epoch_seconds = 0.0
     # summed on the device since the last log row: loss, 4 components, images, finite steps; then the epoch's
@@ -286,10 +263,10 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
             scaler.load_state_dict(state["scaler"])
         monitor.load_state_dict(state["monitor"])
         rows = {k: list(v) for k, v in state["csv"].items()}
-        start_step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
+        start_step = state["step"]
         seconds_before, images_seen, images_skipped = state["seconds"], state["images_seen"], state["images_skipped"]
         epoch_seconds, last_val_step, early_stopped = state["epoch_seconds"], state["last_val_step"], state["early_stopped"]
-        acc = state["acc"].to(device)
+        acc = state["ranks"][dist_info.rank]["acc"].to(device)  # this rank's partial sums
         resumed_from = state["resumed_from_step"] if state["finished"] else start_step
         if not state["finished"]:
             log.info("resuming %s from step %d of %d (epoch %d, batch %d)", last_path, start_step, total_steps,
@@ -315,22 +292,25 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
             "resumed_from_step": resumed_from,
         }
 
-    def checkpoint_state(step, epoch, batch_in_epoch, finished=False, result=None) -> dict:
+    def checkpoint_state(step, epoch, batch_in_epoch, ranks, finished=False, result=None) -> dict:
+        """What last.pt holds; `ranks`: each rank's RNG streams and unlogged partial sums, in rank order."""
         return {
             "fingerprint": fp, "finished": finished, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "total_steps": total_steps, "model": det.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "monitor": monitor.state_dict(), "rng": ckpt.rng_state(),
+            "monitor": monitor.state_dict(), "ranks": ranks,
             "csv": {"batches": csv_batches.rows, "epochs": csv_epochs.rows, "val": csv_val.rows},
             "seconds": seconds_before + (time.perf_counter() - t_session), "images_seen": images_seen,
-            "images_skipped": images_skipped, "epoch_seconds": epoch_seconds, "acc": acc.cpu(),
+            "images_skipped": images_skipped, "epoch_seconds": epoch_seconds,
             "last_val_step": last_val_step, "early_stopped": early_stopped, "resumed_from_step": resumed_from,
             "result": result or {},
         }
 
     def save_last(step, epoch, batch_in_epoch, finished=False, result=None):
+        """Write last.pt (rank 0) and flush the CSVs; every rank calls it (it gathers each rank's own state)."""
+        ranks = distributed.all_gather_object({"rng": ckpt.rng_state(), "acc": acc.cpu()})
         if main:
-            ckpt.save(last_path, checkpoint_state(step, epoch, batch_in_epoch, finished, result))
+            ckpt.save(last_path, checkpoint_state(step, epoch, batch_in_epoch, ranks, finished, result))
             for c in (csv_batches, csv_epochs, csv_val):
                 c.flush()
 
@@ -358,16 +338,14 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
 
     # -- from here on, only the training RNG streams (seeded per rank, or restored) shape the run
     if state is not None:
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["ranks"][dist_info.rank]["rng"])  # this rank's own streams
     else:
         seed_everything(seed + dist_info.rank)
     ddp = distributed.wrap(det, dist_info, device)
     det.train()
-    train_loader = None
-    if train.overfit_batches == 0:  # one loader for the whole run: its persistent workers outlive the epochs
-        train_loader = build_loader(train_split, training=True, epoch=start_epoch, skip_batches=start_batch,
-                                    **loader_args)
-    val_loader = qe_loader = None
+    val_loader = qe_loader = val_gt = None
+    if val_on and main:
+        val_gt = load_coco(gt_json)  # once: every validation scores against it
     if val_split is not None:
         val_args = dict(loader_args, rank=0, world_size=1)  # rank 0 validates on every image
         if val_on:
@@ -385,7 +363,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
         nonlocal last_val_step, early_stopped
         result = None
         if main:
-            result = validate(det, val_loader, device, amp, label_to_category, gt_json, step)
+            result = validate(det, val_loader, device, amp, label_to_category, val_gt, step)
         result = distributed.broadcast_object(result)
         last_val_step = step
         is_best, stop = monitor.validated(result[train.val.monitor], step, epoch)
@@ -399,11 +377,14 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
         tb.scalars(step, {f"val/{k}": v for k, v in result.items()})
         return result, is_best
 
-    step, epoch = start_step, start_epoch
+    # `epoch`: the 0-based epoch last begun (rows and checkpoints say epoch + 1); a run resumed after its last
+    # epoch (early stopped, or stopped before its final validation) begins none
+    step, epoch = start_step, start_epoch - 1
+    epochs_left = range(start_epoch, num_epochs) if not early_stopped and step < total_steps else range(0)
     t_log = time.perf_counter()
-    with StopFlag() as stop_flag:
+    with StopFlag() as stop_flag, backbone_autocast(det, device, amp):  # heads in float32, as in evaluation
         try:
-            for epoch in range(start_epoch, num_epochs):
+            for epoch in epochs_left:
                 skip = start_batch if epoch == start_epoch else 0
                 end = steps_per_epoch * accum  # trailing batches that do not fill an accumulation are left out
                 t_epoch = time.perf_counter()
@@ -430,8 +411,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     sync = not dist_info.enabled or micro % accum == 0
                     with (contextlib.nullcontext() if sync else ddp.no_sync()):
                         try:
-                            with autocast(amp, device):
-                                loss_dict = ddp(images, targets)
+                            loss_dict = ddp(images, targets)
                             loss = sum(loss_dict.values())
                             scaler.scale(loss / accum).backward()
                         except torch.OutOfMemoryError:
@@ -470,19 +450,22 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
 
                     if step % train.log_every_steps == 0 or step == total_steps:
                         sums = distributed.all_reduce_sum(acc[:7].clone()).tolist()
-                        n_ok = max(1.0, sums[6])  # finite steps x ranks
+                        n_ok = sums[6]  # finite steps x ranks; none: the losses are empty, not 0
+                        losses = {"loss": sums[0], **{k: sums[i + 1] for i, k in enumerate(LOSS_KEYS)}}
                         row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "timestamp": now(),
                                "images_per_s": sums[5] / max(time.perf_counter() - t_log, 1e-9),
-                               "loss": sums[0] / n_ok, **{k: sums[i + 1] / n_ok for i, k in enumerate(LOSS_KEYS)}}
-                        csv_batches.append(row)
-                        csv_batches.flush()
-                        monitor.loss_logged(row["loss"], step)
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", ema=f"{monitor.loss_ema:.3f}",
-                                        lr=f"{lr_used:.2e}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
+                               **{k: (v / n_ok if n_ok else None) for k, v in losses.items()}}
+                        csv_batches.append(row)  # written at the next checkpoint save, epoch end or the end
+                        if n_ok:
+                            monitor.loss_logged(row["loss"], step)
+                        shown = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+                        ema = "-" if monitor.loss_ema is None else f"{monitor.loss_ema:.4f}"
+                        bar.set_postfix(loss=shown, ema=ema, lr=f"{lr_used:.2e}", img_s=f"{row['images_per_s']:.1f}",
+                                        refresh=False)
                         if bar.disable:
                             eta = (total_steps - step) * (time.perf_counter() - t_session) / (step - start_step)
-                            log.info("step %d/%d epoch %d: loss %.4f (avg %.4f) lr %.3g %.1f images/s ETA %s", step,
-                                     total_steps, epoch + 1, row["loss"], monitor.loss_ema, lr_used,
+                            log.info("step %d/%d epoch %d: loss %s (avg %s) lr %.3g %.1f images/s ETA %s", step,
+                                     total_steps, epoch + 1, shown, ema, lr_used,
                                      row["images_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
                         tb.scalars(step, {"train/" + k: row[k] for k in ["loss", *LOSS_KEYS, "lr", "images_per_s"]})
                         acc[:7] = 0
@@ -520,7 +503,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                     ck_name = ck_dir / f"epoch_{epoch + 1:03d}.pt"
                 loss_sum, n_ok = distributed.all_reduce_sum(acc[7:9].clone()).tolist()
                 csv_epochs.append({
-                    "epoch": epoch + 1, "avg_loss": loss_sum / max(1.0, n_ok), "epoch_seconds": epoch_seconds,
+                    "epoch": epoch + 1, "avg_loss": loss_sum / n_ok if n_ok else None, "epoch_seconds": epoch_seconds,
                     "lr": schedule.lr,
                     "val_AP": val["AP"] if val else None, "val_AP50": val["AP50"] if val else None,
                     "is_best": int(is_best), "checkpoint": str(ck_name), "timestamp": now()})
@@ -528,7 +511,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                 acc[7:9], epoch_seconds = 0, 0.0
                 save_last(step, epoch + 1, 0)
                 if main and ck_name != last_path:
-                    ckpt.save(ck_name, checkpoint_state(step, epoch + 1, 0))
+                    ckpt.copy(last_path, ck_name)
                     ckpt.prune_periodic(ck_dir, train.checkpoint.keep)
                 if early_stopped or step >= total_steps:
                     break
