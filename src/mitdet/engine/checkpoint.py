@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 # TrainParams keys that do not change the weights a run ends with (logging, loading speed, checkpoint cadence).
 NOT_SHAPING = ("log_every_steps", "tensorboard", "num_workers", "quick_eval", "checkpoint", "per_backbone")
-INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json", "instances_train.json")
+# source.json carries the raw data's fingerprint: new pixels at the same size must not be resumed across
+INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json", "instances_train.json",
+               "source.json")
 
 
 def file_sha256(path: str | Path, h=None):
