@@ -50,8 +50,9 @@ def stages_for(backbones: list[str]) -> dict:
             "cmd": "python stages/prepare_data.py",
             "deps": ["stages/prepare_data.py", *PREPARE_CODE, *COMMON_CODE, *LOCAL_DATA],
             "params": ["seed", "data"],
-            # cache: false: a COCO 2017 download is not stored twice; it is re-made from its source anyway.
-            "outs": [{paths.RAW_DIR: {"cache": False}}],
+            # the generated synthetic data is cached; a COCO 2017 download stays in data.coco2017.download_dir
+            # (outside DVC's cache, git-ignored) and data/raw holds only the manifest pointing at it
+            "outs": [paths.RAW_DIR],
         },
         "build_index": {
             "cmd": "python stages/build_index.py",
