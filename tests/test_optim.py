@@ -76,6 +76,16 @@ def sched(**kw) -> TrainParams:
     return TrainParams(**{**base, **kw})
 
 
+def test_warmup_in_epochs_equals_the_same_length_in_steps():
+    by_steps = sched(scheduler="cosine", warmup_steps=10)
+    by_epochs = sched(scheduler="cosine", warmup_steps=3, warmup_epochs=0.5)  # 0.5 x 20 steps per epoch = 10
+    for step in (0, 5, 9, 10, 50, 99):
+        assert lr_factor(step, 100, by_epochs, steps_per_epoch=20) == pytest.approx(lr_factor(step, 100, by_steps))
+    assert lr_factor(5, 100, by_epochs, steps_per_epoch=20) != pytest.approx(lr_factor(5, 100, sched(warmup_steps=3)))
+    with pytest.raises(ValueError, match="steps per epoch"):
+        lr_factor(5, 100, by_epochs)
+
+
 def test_linear_warmup_then_constant():
     t = sched(scheduler="constant")
     assert lr_factor(0, 100, t) == pytest.approx(0.1)

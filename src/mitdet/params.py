@@ -190,6 +190,7 @@ class TrainParams:
     weight_decay: float = _f(0.05, lo=0.0)
     backbone_lr_mult: float = _f(1.0, lo=0.0)
     warmup_steps: int = _f(50, lo=0)
+    warmup_epochs: float = _f(0.0, lo=0.0)   # > 0: warmup length in epochs, replacing warmup_steps
     warmup_factor: float = _f(1e-3, lo=0.0, hi=1.0)
     scheduler: Literal["constant", "cosine", "multistep", "step", "onecycle", "plateau", "cosine_restarts"] = "cosine"
     milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])

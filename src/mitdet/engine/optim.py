@@ -63,10 +63,20 @@ def build_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.Optimiz
                            weight_decay=train.weight_decay, fused=fused or None)
 
 
-def lr_factor(step: int, total_steps: int, train: TrainParams, plateau_scale: float = 1.0) -> float:
+def warmup_steps(train: TrainParams, steps_per_epoch: int = 0) -> int:
+    """Length of the linear warmup in optimizer steps: `train.warmup_epochs` when > 0, else `train.warmup_steps`."""
+    if train.warmup_epochs > 0:
+        if steps_per_epoch < 1:
+            raise ValueError("train.warmup_epochs needs the number of steps per epoch")
+        return max(1, round(train.warmup_epochs * steps_per_epoch))
+    return train.warmup_steps
+
+
+def lr_factor(step: int, total_steps: int, train: TrainParams, plateau_scale: float = 1.0,
+              steps_per_epoch: int = 0) -> float:
     """The factor on `train.lr` for the optimizer step about to be taken (`step` steps done so far)."""
     total = max(1, total_steps)
-    warm = min(train.warmup_steps, total)
+    warm = min(warmup_steps(train, steps_per_epoch), total)
     floor = train.min_lr_ratio
     kind = train.scheduler
     if kind == "onecycle":  # its own cosine rise (warmup_steps, or 30% of the run) then cosine down to the floor
@@ -99,14 +109,16 @@ def lr_factor(step: int, total_steps: int, train: TrainParams, plateau_scale: fl
 class Schedule:
     """Sets each group's lr = initial_lr * lr_factor(step); `observe(metric)` feeds the plateau schedule."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, train: TrainParams, total_steps: int,
+                 steps_per_epoch: int = 0):
         self.optimizer, self.train, self.total_steps = optimizer, train, total_steps
+        self.steps_per_epoch = steps_per_epoch
         self.step_count = 0
         self.plateau_scale, self.plateau_best, self.plateau_bad = 1.0, -math.inf, 0
         self._apply()
 
     def _apply(self) -> None:
-        f = lr_factor(self.step_count, self.total_steps, self.train, self.plateau_scale)
+        f = lr_factor(self.step_count, self.total_steps, self.train, self.plateau_scale, self.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
 
@@ -130,7 +142,8 @@ class Schedule:
     @property
     def lr(self) -> float:
         """The base lr now (the head's, without backbone multiplier)."""
-        return self.train.lr * lr_factor(self.step_count, self.total_steps, self.train, self.plateau_scale)
+        return self.train.lr * lr_factor(self.step_count, self.total_steps, self.train, self.plateau_scale,
+                                         self.steps_per_epoch)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "plateau_scale": self.plateau_scale,

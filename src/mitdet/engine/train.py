@@ -244,7 +244,7 @@ def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, shou
                                        train_min_sizes=tuple(train.augment.multi_scale) or None)
     det.to(device)  # build_detector applies model.channels_last and model.compile (in place)
     optimizer = build_optimizer(det, train)
-    schedule = Schedule(optimizer, train, total_steps)
+    schedule = Schedule(optimizer, train, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
     monitor = Monitor.from_params(train)
     rows = {"batches": [], "epochs": [], "val": []}
