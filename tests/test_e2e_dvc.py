@@ -103,8 +103,11 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
         assert isinstance(read_strict_json(work / f"data/predictions/{b}.json"), list)
         assert "loss_classifier" in (work / f"plots/{b}/train_batches.csv").read_text().splitlines()[0]
     report = read_strict_json(work / "metrics/report.json")
-    assert set(BACKBONES) <= set(json.dumps(report).replace('"', " ").split())
-    assert "mit_b0" in (work / "metrics/report.md").read_text()
+    assert all(report["backbones"][b]["status"] == "ok" for b in BACKBONES)
+    assert report["best_backbone"] in BACKBONES and set(report["pareto"]) <= set(BACKBONES)
+    assert all(report["backbones"][b]["status"] == "missing" for b in ("mit_b2", "mit_b5"))  # not in backbones:
+    table = (work / "metrics/report.md").read_text()
+    assert all(f"| {b} |" in table or f"**{b}**" in table for b in BACKBONES)
 
 
 def test_second_repro_is_a_noop(project):
@@ -121,7 +124,9 @@ def test_exp_run_with_new_lr_reruns_only_train_dependents(project):
     for stage in ("prepare_data", "build_index"):
         assert f"Running stage '{stage}'" not in out, out[-3000:]
     for b in BACKBONES:
-        assert f"Running stage 'train_{b}'" in out
+        for kind in ("train", "evaluate"):
+            assert f"Running stage '{kind}_{b}'" in out
+    assert "Running stage 'report'" in out
     assert yaml.safe_load((work / "params.yaml").read_text())["train"]["lr"] == 0.01
 
     diff = run([dvc, "metrics", "diff", "--json"], work, env)
@@ -136,4 +141,6 @@ def test_plots_show_writes_html(project):
     work, env, dvc, _ = project
     run([dvc, "plots", "show", "-o", "plots_html"], work, env)
     html = (work / "plots_html" / "index.html").read_text()
-    assert "train_loss" in html or "loss" in html
+    assert "Training loss, all backbones" in html  # the top-level cross-backbone chart
+    for b in BACKBONES:
+        assert f"{b}: training loss" in html and f"{b}: AP per class" in html

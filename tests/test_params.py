@@ -1,5 +1,6 @@
 """params.yaml -> typed, validated Params: the committed file loads, and bad values fail before any work."""
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -102,7 +103,7 @@ def test_load_params_names_missing_or_broken_file(tmp_path):
 
 def test_params_are_frozen():
     params = load_params(ROOT / "params.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.lr = 1.0
 
 
