@@ -1,7 +1,8 @@
 """params.yaml -> one frozen, validated dataclass tree.
 
-Every key is declared here with its type; `Range` and `Choice` metadata bound the values. An unknown key, a
-wrong type or an out-of-range value raises `ParamsError` naming the key, the value and what is allowed.
+Every key is declared here with its type and allowed range. params.yaml must hold every key (the dataclass
+defaults serve code and tests only): a missing, unknown or duplicate key, a wrong type or an out-of-range value
+raises `ParamsError` naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mitdet.errors import ParamsError
+
+# The one list of backbones; `Params.backbones` takes its Literal from it.
 BACKBONE_NAMES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
-
-
-class ParamsError(ValueError):
-    """A params.yaml key that is unknown, of the wrong type or out of range."""
+MAX_SEED = 2**32 - 1       # numpy's legacy seeding takes [0, 2**32 - 1]
+MAX_BATCH_SIZE = 4096
 
 
 def _range(lo=None, hi=None, *, lo_open=False):
@@ -36,8 +38,8 @@ def _f(default=dataclasses.MISSING, lo=None, hi=None, lo_open=False, **kw):
 # ----------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class SyntheticParams:
-    train_images: int = _f(800, lo=1)
-    val_images: int = _f(100, lo=1)
+    train_images: int = _f(800, lo=1, hi=1_000_000)
+    val_images: int = _f(100, lo=1, hi=1_000_000)
     min_side: int = _f(128, lo=32, hi=4096)
     max_side: int = _f(192, lo=32, hi=4096)
     max_objects: int = _f(6, lo=1, hi=100)
@@ -111,7 +113,7 @@ class RoiParams:
     score_thresh: float = _f(0.05, lo=0.0, hi=1.0)
     nms_thresh: float = _f(0.5, lo=0.0, hi=1.0)
     detections_per_img: int = _f(100, lo=1)
-    representation_size: int = _f(1024, lo=8)   # width of the two-layer box head (torchvision: 1024)
+    representation_size: int = _f(1024, lo=8, hi=16384)   # width of the two-layer box head (torchvision: 1024)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ class CheckpointParams:
 class TrainParams:
     epochs: int = _f(8, lo=1)
     max_steps: int = _f(0, lo=0)
-    batch_size: int = _f(8, lo=1)
+    batch_size: int = _f(8, lo=1, hi=MAX_BATCH_SIZE)
     lr: float = _f(1e-3, lo=0.0, hi=10.0, lo_open=True)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = _f(0.9, lo=0.0, hi=1.0)
@@ -200,7 +202,7 @@ class TrainParams:
     min_lr_ratio: float = _f(0.01, lo=0.0, hi=1.0)
     plateau_patience: int = _f(2, lo=0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    grad_accum: int = _f(1, lo=1)
+    grad_accum: int = _f(1, lo=1, hi=MAX_BATCH_SIZE)
     clip_grad_norm: float = _f(10.0, lo=0.0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
@@ -211,7 +213,7 @@ class TrainParams:
     val: ValParams = field(default_factory=ValParams)
     early_stopping: EarlyStoppingParams = field(default_factory=EarlyStoppingParams)
     checkpoint: CheckpointParams = field(default_factory=CheckpointParams)
-    overfit_batches: int = _f(0, lo=0)
+    overfit_batches: int = _f(0, lo=0, hi=10_000)
     max_nonfinite_steps: int = _f(5, lo=1)
     log_every_steps: int = _f(10, lo=1)
     tensorboard: bool = False
@@ -230,18 +232,21 @@ class TrainParams:
             if "per_backbone" in overrides:
                 raise ParamsError(f"train.per_backbone.{name} cannot itself hold per_backbone")
             # validate now: a typo in an override fails before any stage runs
-            _build(TrainParams, _merge(_as_dict(self, drop=("per_backbone",)), overrides), f"train.per_backbone.{name}")
+            _build(TrainParams, _merge(self._base(), overrides), f"train.per_backbone.{name}")
 
     def for_backbone(self, backbone: str) -> "TrainParams":
         """These train params with `per_backbone[backbone]` applied (and no per_backbone left)."""
-        merged = _merge(_as_dict(self, drop=("per_backbone",)), self.per_backbone.get(backbone, {}))
-        return _build(TrainParams, merged, "train")
+        return _build(TrainParams, _merge(self._base(), self.per_backbone.get(backbone, {})), "train")
+
+    def _base(self) -> dict:
+        """These params as a full dict with no per_backbone: what an override is merged onto."""
+        return dict(_as_dict(self, drop=("per_backbone",)), per_backbone={})
 
 
 # ------------------------------------------------------------------------------------- evaluate/report
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = _f(8, lo=1)
+    batch_size: int = _f(8, lo=1, hi=MAX_BATCH_SIZE)
     max_images: int = _f(0, lo=0)
     scorer: Literal["pycocotools", "faster_coco_eval"] = "faster_coco_eval"
     top_k: int = _f(10, lo=1)
@@ -263,8 +268,8 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int
-    backbones: list[Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]]
+    seed: int = _f(lo=0, hi=MAX_SEED)
+    backbones: list[Literal[BACKBONE_NAMES]]
     data: DataParams
     index: IndexParams
     model: ModelParams
@@ -280,15 +285,33 @@ class Params:
 
 
 # ------------------------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (DVC refuses such a params.yaml too)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in first_line:
+                raise ParamsError(f"duplicate key `{key}` at line {line} (first at line {first_line[key]})",
+                                  fix="keep one of the two")
+            if isinstance(key, typing.Hashable):
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamsError naming the key at fault."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path} not found: run from the project root, or pass the path of params.yaml") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    except ParamsError as err:
+        raise _located(err, str(path)) from None
     return params_from_dict(raw if raw is not None else {}, source=str(path))
 
 
@@ -302,18 +325,21 @@ def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
+    """Params from the dict form of a whole params.yaml, which must hold every key."""
     try:
         return _build(Params, raw, "")
     except ParamsError as err:
-        raise ParamsError(f"{source}: {err}") from None
+        raise _located(err, source) from None
 
 
 def model_params_from_dict(raw: dict, source: str = "model") -> ModelParams:
-    """ModelParams from its dict form (e.g. model.json's `model`), validated like params.yaml's `model`."""
+    """ModelParams from its full dict form (e.g. model.json's `model`), validated like params.yaml's `model`."""
     try:
         return _build(ModelParams, raw, "model")
     except ParamsError as err:
-        raise ParamsError(f"{source}: {err}") from None
+        if err.what.startswith("missing key"):  # a saved model holds every key: an older mitdet wrote it
+            err = ParamsError(err.what, fix="the file was written by an older mitdet; retrain the model")
+        raise _located(err, source) from None
 
 
 def to_dict(obj) -> Any:
@@ -332,7 +358,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _located(err: ParamsError, source: str | None) -> ParamsError:
+    """A copy of `err` (what and fix kept) placed in `source`; None keeps its own place."""
+    where = source if not err.where or source is None else f"{source}: {err.where}"
+    return ParamsError(err.what, where=where, fix=err.fix)
+
+
 def _build(cls, raw, where: str):
+    """An instance of the params dataclass `cls` from `raw`, which must hold every field; `where` is its dotted key."""
     if not isinstance(raw, dict):
         raise ParamsError(f"`{where or 'params'}` must be a mapping; got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -345,21 +378,50 @@ def _build(cls, raw, where: str):
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
         if name not in raw:
-            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-            if not has_default:
-                raise ParamsError(f"missing key `{key}`")
-            continue
+            raise ParamsError(f"missing key `{key}`", fix=f"add it to params.yaml ({_example(f, hints[name])})")
         values[name] = _convert(hints[name], raw[name], key)
-        lo, hi, lo_open = f.metadata.get("range", (None, None, False))
-        v = values[name]
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (lo is not None and (v < lo or (lo_open and v == lo))) or (hi is not None and v > hi):
-                allowed = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-                raise ParamsError(f"`{key}` = {v!r} is out of range; allowed: {allowed}")
+        _check_range(f, values[name], key)
     try:
         return cls(**values)
     except ParamsError as err:
-        raise ParamsError(str(err)) from None
+        raise _located(err, None) from None
+
+
+def _check_range(f: dataclasses.Field, value, key: str) -> None:
+    """Raise ParamsError when the number `value` of field `f` lies outside the field's range."""
+    lo, hi, lo_open = f.metadata.get("range", (None, None, False))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+            raise ParamsError(f"`{key}` = {value!r} is out of range; allowed: {_range_text(lo, hi, lo_open)}")
+
+
+def _range_text(lo, hi, lo_open) -> str:
+    return f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+
+
+def _example(f: dataclasses.Field, tp) -> str:
+    """What to write for the missing field `f`: its default as YAML, else the keys or range it takes."""
+    if dataclasses.is_dataclass(tp):
+        return f"the `{f.name}:` section with the keys {', '.join(g.name for g in dataclasses.fields(tp))}"
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+        return f"for example `{f.name}: {text.removesuffix('...').strip()}`"
+    lo, hi, lo_open = f.metadata.get("range", (None, None, False))
+    bounds = f" in {_range_text(lo, hi, lo_open)}" if lo is not None or hi is not None else ""
+    return f"`{f.name}:` takes {_kind(tp)}{bounds}"
+
+
+def _kind(tp) -> str:
+    """`tp` in words, for a message: "an integer", "one of: a, b", "a list of numbers"."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of: " + ", ".join(map(str, args))
+    if origin is list and typing.get_origin(args[0]) is Literal:
+        return "a list drawn from: " + ", ".join(map(str, typing.get_args(args[0])))
+    if origin is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], _type_name(args[0]))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, _type_name(tp))
 
 
 def _type_name(tp) -> str:
@@ -367,6 +429,7 @@ def _type_name(tp) -> str:
 
 
 def _convert(tp, value, key: str):
+    """`value` checked against (and converted to) the type `tp` of the key `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -388,29 +451,33 @@ def _convert(tp, value, key: str):
         if not isinstance(value, dict):
             raise ParamsError(f"`{key}` must be a mapping; got {value!r}")
         return {k: (_convert(args[1], v, f"{key}.{k}") if args[1] is not Any else v) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"`{key}` must be true or false; got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"`{key}` must be an integer; got {value!r}")
-        return value
+    return value if tp is Any else _convert_scalar(tp, value, key)
+
+
+def _convert_scalar(tp, value, key: str):
+    """`value` checked against the scalar type `tp` (bool, int, float or str)."""
+    if tp is bool and not isinstance(value, bool):
+        raise ParamsError(f"`{key}` must be true or false; got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ParamsError(f"`{key}` must be an integer; got {value!r}")
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string; accept what float() reads
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"`{key}` must be a number; got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ParamsError(f"`{key}` must be a finite number; got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or not value:
-            raise ParamsError(f"`{key}` must be a non-empty string; got {value!r}")
+        return _to_float(value, key)
+    if tp is str and (not isinstance(value, str) or not value):
+        raise ParamsError(f"`{key}` must be a non-empty string; got {value!r}")
+    if tp in (bool, int, str):
         return value
     raise ParamsError(f"`{key}`: unsupported type {_type_name(tp)}")  # a bug in this file, not in params.yaml
+
+
+def _to_float(value, key: str) -> float:
+    """`value` as a finite float; a string float() reads is accepted (YAML 1.1 reads `1e-3` as a string)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamsError(f"`{key}` must be a number; got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ParamsError(f"`{key}` must be a finite number; got {value!r}")
+    return float(value)
