@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from mitdet.engine import checkpoint as ckpt
 from mitdet.engine.monitor import NonFiniteLossError
-from mitdet.engine.train import Interrupted, train
+from mitdet.engine.train import Hooks, Interrupted, train
 from mitdet.models import build_detector, load_inference_model
 from mitdet.paths import BackbonePaths
 from tests.train_fixtures import tiny_model, tiny_train, write_index
@@ -136,7 +136,7 @@ def test_resume_is_bitwise_exact(tmp_path, index_dir, stop_at, workers):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(straight, index_dir, t)
     with pytest.raises(Interrupted, match=f"interrupted at step {stop_at}: run `dvc repro` again to resume"):
-        run(resumed, index_dir, t, should_stop=lambda step: step == stop_at)
+        run(resumed, index_dir, t, hooks=Hooks(should_stop=lambda step: step == stop_at))
     state = ckpt.load(resumed / BackbonePaths(B).checkpoints / "last.pt")
     assert state["step"] == stop_at and not state["finished"]
     assert len(read_csv(resumed / BackbonePaths(B).train_batches_csv)) == stop_at // 2
@@ -188,7 +188,7 @@ def test_same_params_give_the_same_metrics_twice(tmp_path, index_dir):
 
 def test_changed_params_set_the_old_run_aside(run_dir, index_dir, caplog):
     with pytest.raises(Interrupted):
-        train(B, tiny_train(), tiny_model(), seed=0, index_dir=index_dir, should_stop=lambda s: s == 2)
+        train(B, tiny_train(), tiny_model(), seed=0, index_dir=index_dir, hooks=Hooks(should_stop=lambda s: s == 2))
     ck = Path(BackbonePaths(B).checkpoints)
     with caplog.at_level(logging.WARNING, logger="mitdet"):
         result = train(B, tiny_train(lr=2e-3), tiny_model(), seed=0, index_dir=index_dir)
@@ -216,7 +216,7 @@ def test_a_finished_run_only_rewrites_its_outputs(run_dir, index_dir, caplog):
 
 def nan_at(calls: set[int] | Callable):
     """A build_detector whose training loss is NaN on the given forward calls (1-based)."""
-    def model_fn(*args, **kwargs):
+    def build_model(*args, **kwargs):
         det = build_detector(*args, **kwargs)
         forward, count = det.forward, [0]
 
@@ -229,11 +229,11 @@ def nan_at(calls: set[int] | Callable):
             return out
         det.forward = patched
         return det
-    return model_fn
+    return build_model
 
 
 def test_a_nonfinite_loss_step_is_skipped_and_counted(run_dir, index_dir):
-    result = train(B, tiny_train(epochs=1), tiny_model(), seed=0, index_dir=index_dir, model_fn=nan_at({2}))
+    result = train(B, tiny_train(epochs=1), tiny_model(), seed=0, index_dir=index_dir, hooks=Hooks(build_model=nan_at({2})))
     assert result["nonfinite_steps"] == 1 and result["steps"] == 4
     weights = load_file(BackbonePaths(B).weights)
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -243,7 +243,7 @@ def test_a_nonfinite_loss_step_is_skipped_and_counted(run_dir, index_dir):
 
 def test_a_log_window_of_only_nonfinite_steps_logs_no_loss(run_dir, index_dir):
     t = tiny_train(epochs=1, max_nonfinite_steps=3)  # 4 steps, a log row every 2
-    result = train(B, t, tiny_model(), seed=0, index_dir=index_dir, model_fn=nan_at({1, 2}))
+    result = train(B, t, tiny_model(), seed=0, index_dir=index_dir, hooks=Hooks(build_model=nan_at({1, 2})))
     assert result["nonfinite_steps"] == 2 and result["steps"] == 4
     rows = read_csv(BackbonePaths(B).train_batches_csv)
     assert [r["step"] for r in rows] == ["2", "4"]
@@ -256,7 +256,7 @@ def test_a_log_window_of_only_nonfinite_steps_logs_no_loss(run_dir, index_dir):
 def test_too_many_nonfinite_steps_stop_keeping_the_last_good_checkpoint(run_dir, index_dir):
     t = tiny_train(epochs=3, max_nonfinite_steps=2, checkpoint={"every_steps": 2})
     with pytest.raises(NonFiniteLossError, match="non-finite 2 optimizer steps in a row.*train.max_nonfinite_steps"):
-        train(B, t, tiny_model(), seed=0, index_dir=index_dir, model_fn=nan_at(lambda n: n >= 5))
+        train(B, t, tiny_model(), seed=0, index_dir=index_dir, hooks=Hooks(build_model=nan_at(lambda n: n >= 5)))
     state = ckpt.load(Path(BackbonePaths(B).checkpoints) / "last.pt")
     assert state["step"] == 4 and not state["finished"]  # steps 5 and 6 are bad: it stops at 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

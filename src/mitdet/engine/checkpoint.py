@@ -15,6 +15,7 @@ import torch
 
 import mitdet
 from mitdet import paths
+from mitdet.errors import CheckpointError
 from mitdet.io import atomic_path
 from mitdet.params import ModelParams, TrainParams, to_dict
 
@@ -145,7 +146,8 @@ def load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: name it and the fix
-        raise RuntimeError(f"{path}: cannot read this checkpoint ({err}); move it away to start fresh") from None
+        raise CheckpointError(f"cannot read this checkpoint ({type(err).__name__}: {err})", where=str(path),
+                              fix="move it away to start fresh") from None
 
 
 def set_aside(path: str | Path, reason: str) -> Path:

@@ -39,6 +39,26 @@ class CsvLog:
         write_text(self.path, csv_text(self.columns, ([r.get(c) for c in self.columns] for r in self.rows)))
 
 
+class Histories:
+    """The run's three CSV histories (batches, epochs, validations); their rows travel in last.pt."""
+
+    def __init__(self, out, main: bool):
+        self.batches = CsvLog(out.train_batches_csv if main else None, BATCH_COLUMNS)
+        self.epochs = CsvLog(out.train_epochs_csv if main else None, EPOCH_COLUMNS)
+        self.val = CsvLog(out.val_history_csv if main else None, VAL_COLUMNS)
+
+    def flush(self) -> None:
+        for log in (self.batches, self.epochs, self.val):
+            log.flush()
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.rows, "epochs": self.epochs.rows, "val": self.val.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("batches", "epochs", "val"):
+            getattr(self, name).rows = [dict(r) for r in state[name]]
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 

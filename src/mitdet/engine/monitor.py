@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
+from mitdet.errors import TrainingError
 from mitdet.params import TrainParams
 
 log = logging.getLogger(__name__)
@@ -14,7 +16,7 @@ EMA_DECAY = 0.9         # moving average over log points
 WORSE_IN_A_ROW = 3      # validations getting worse this many times in a row are reported
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Too many non-finite losses in a row: the run stops, keeping the last good checkpoint."""
 
 
@@ -50,10 +52,12 @@ class Monitor:
         log.warning("ALERT non-finite loss at step %d: step skipped (no update), %d in a row, %d in all",
                     step, self.nonfinite_in_a_row, self.nonfinite_steps)
         if self.nonfinite_in_a_row >= self.max_nonfinite:
+            kept = (f"the last good checkpoint is kept at {checkpoint}" if os.path.exists(checkpoint)
+                    else "no checkpoint was written yet")
             raise NonFiniteLossError(
                 f"the loss was non-finite {self.nonfinite_in_a_row} optimizer steps in a row (last at step {step}, "
-                f"train.max_nonfinite_steps = {self.max_nonfinite}); the last good checkpoint is kept at "
-                f"{checkpoint}. Fix: lower train.lr, raise train.warmup_steps or set train.clip_grad_norm")
+                f"train.max_nonfinite_steps = {self.max_nonfinite}); {kept}",
+                fix="lower train.lr, raise train.warmup_steps or set train.clip_grad_norm")
 
     def loss_logged(self, loss: float, step: int) -> None:
         """Alert on a loss spike against the moving average of logged losses."""

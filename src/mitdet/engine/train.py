@@ -1,58 +1,64 @@
-"""Train one backbone's detector: the loop, top to bottom (in the style of torchvision's references).
+"""Train one backbone's detector, in the shape of torchvision's references/detection.
 
-`train()` reads the index, builds the detector, resumes a matching interrupted run from `last.pt`, runs the
-optimizer steps with logging, quick evals, validation and checkpoints, and writes the final weights and
-`metrics/<b>/train.json`. Everything it writes goes through temp file + rename.
+`train()` sets up (the index, the detector, the optimizer, a matching interrupted run from `last.pt`), then runs
+`train_one_epoch` and `end_epoch` for each epoch, a final validation, and `finish` (final weights, train.json).
+What the loop changes lives in one `RunState`, whose `state_dict` is what `last.pt` holds. Every file goes through
+a temp file + rename.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import math
 import os
+import random
 import resource
-import signal
 import sys
-import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch import nn
 
 from mitdet.data.dataset import build_loader
 from mitdet.data.index import load_split
 from mitdet.engine import checkpoint as ckpt
 from mitdet.engine import distributed
-from mitdet.engine.evaluate import amp_mode, backbone_autocast, predict, resolve_device
-from mitdet.engine.logs import (BATCH_COLUMNS, EPOCH_COLUMNS, LOSS_KEYS, VAL_COLUMNS, CsvLog, TensorBoard, now,
-                                progress_bar)
+from mitdet.engine.device import amp_mode, backbone_autocast, resolve_device
+from mitdet.engine.inference import predict
+from mitdet.engine.logs import LOSS_KEYS, Histories, TensorBoard, now, progress_bar
 from mitdet.engine.monitor import Monitor
 from mitdet.engine.optim import Schedule, build_optimizer
 from mitdet.engine.scoring import load_coco, score
+from mitdet.engine.state import LossSums, Plan, RunState, make_plan
+from mitdet.engine.stopping import Interrupted, StopFlag, locked, until_stopped
+from mitdet.errors import TrainingError
 from mitdet.io import write_json
-from mitdet.models import build_detector, count_parameters, save_inference_model
-from mitdet.params import ModelParams, TrainParams, to_dict
+from mitdet.models import build_detector, count_parameters
+from mitdet.models.bundle import inference_spec, save_inference_model
+from mitdet.params import ModelParams, TrainParams
 from mitdet.paths import BackbonePaths
 
 log = logging.getLogger(__name__)
 
 
-class Interrupted(Exception):
-    """Training stopped on request (SIGINT/SIGTERM or a hook) after writing last.pt."""
+def _never(step: int) -> bool:
+    return False
 
-    def __init__(self, step: int, signum: int | None):
-        super().__init__(f"interrupted at step {step}: run `dvc repro` again to resume")
-        self.step, self.signum = step, signum
+
+@dataclass(frozen=True)
+class Hooks:
+    """Seams for tests: `build_model` replaces `build_detector` (same arguments); `should_stop(step)`, checked
+    after every optimizer step and epoch, stops the run as SIGTERM would (last.pt saved, `Interrupted` raised)."""
+    build_model: Callable[..., nn.Module] = build_detector
+    should_stop: Callable[[int], bool] = _never
 
 
 # ------------------------------------------------------------------------------------------ small helpers
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -71,72 +77,381 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def until_stopped(batches, stop_flag: "StopFlag"):
-    """The batches, ending quietly when loader workers die of the same SIGINT that asked the loop to stop."""
-    while True:
-        try:
-            item = next(batches)
-        except StopIteration:
-            return
-        except Exception:
-            if stop_flag.signum is None:
-                raise
-            return
-        yield item
+# ------------------------------------------------------------------------------------ what the run is
+@dataclass
+class Data:
+    """The run's batches: one training loader for the whole run (or N fixed batches), validation loaders."""
+    categories: list
+    train_loader: Any = None
+    fixed_batches: list | None = None
+    val_loader: Any = None
+    quick_loader: Any = None
+    val_gt: Any = None
+
+    @property
+    def label_to_category(self) -> dict[int, int]:
+        return {c.label: c.id for c in self.categories}
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {c.id: c.name for c in self.categories}
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish the current step and save; a second signal stops at once."""
+@dataclass
+class Run:
+    """What set-up builds and the loop only reads: params, device, plan, data, the model wrapped for DDP."""
+    backbone: str
+    params: TrainParams
+    model_params: ModelParams
+    out: BackbonePaths
+    device: torch.device
+    amp: str
+    dist: distributed.Dist
+    plan: Plan
+    data: Data
+    hooks: Hooks
+    fingerprint: dict
+    ddp: nn.Module | None = None
+    stop_flag: StopFlag | None = None
+    tb: TensorBoard | None = None
+    bar: Any = None
 
-    def __init__(self):
-        self.signum: int | None = None
-        self._old = {}
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
 
-    def __enter__(self):
-        self.pid = os.getpid()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
+    @property
+    def last_path(self) -> Path:
+        return Path(self.out.checkpoints) / "last.pt"
 
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a loader worker forked with this handler: the main process stops it
-            return
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: finishing the current step, then saving last.pt", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
+    @property
+    def best_path(self) -> Path:
+        return Path(self.out.checkpoints) / "best.pt"
 
 
-@contextlib.contextmanager
-def locked(directory: Path, enabled: bool = True):
-    """An exclusive lock on the checkpoint folder: a second trainer (e.g. a second `dvc repro`) fails at once."""
-    if not enabled:
-        yield
+# ------------------------------------------------------------------------------------------------ set up
+def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, index_dir: str = "data/index",
+          out: BackbonePaths | None = None, hooks: Hooks | None = None) -> dict:
+    """Train `backbone` with `train` (per-backbone overrides already applied) and `model`; return train.json.
+
+    Resumes a matching interrupted `last.pt`; raises `Interrupted` after saving it on SIGINT/SIGTERM.
+    """
+    out, hooks = out or BackbonePaths(backbone), hooks or Hooks()
+    try:
+        with locked(Path(out.checkpoints), enabled=int(os.environ.get("RANK", "0")) == 0):
+            run, state, saved = set_up(backbone, train, model, seed, index_dir, out, hooks)
+            if state.finished:  # same params, data and code: rewrite the outputs from it
+                log.info("%s holds a finished run matching these params: rewriting its outputs", run.last_path)
+                return finish(run, state, dict(state.result))
+            begin_training(run, state, saved, seed)
+            with StopFlag() as run.stop_flag, backbone_autocast(state.model, run.device, run.amp):
+                try:
+                    train_epochs(run, state)
+                    if run.params.val.interval > 0 and state.last_val_step != state.step:
+                        validate_now(run, state, state.epoch)  # the final weights were not validated yet
+                finally:
+                    run.bar.close()
+                    run.tb.close()
+            return finish(run, state, summary(run, state))
+    finally:
+        distributed.cleanup()
+
+
+def set_up(backbone, train, model, seed, index_dir, out, hooks) -> tuple[Run, RunState, dict]:
+    """Device, data, plan and model; the run's state, restored from a matching `last.pt` (also returned)."""
+    device, dist_info = _device_and_ranks(train)
+    train_split = load_split(index_dir, "train")
+    fp = ckpt.fingerprint(train, model, seed, index_dir, {"backbone": backbone, "world_size": dist_info.world_size})
+    saved = _resume_point(Path(out.checkpoints), fp, dist_info.is_main)
+    data = Data(categories=train_split.categories)
+    loader_args = dict(model=model, train=train, seed=seed, batch_size=train.batch_size,
+                       num_workers=train.num_workers, rank=dist_info.rank, world_size=dist_info.world_size)
+    plan = make_plan(train, _training_batches(data, train_split, train, saved, loader_args))
+    run = Run(backbone, train, model, out, device, amp_mode(train.amp, device), dist_info, plan, data, hooks, fp)
+
+    seed_everything(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    det = hooks.build_model(backbone, num_classes=len(data.categories) + 1, model=model,
+                            train_min_sizes=tuple(train.augment.multi_scale) or None)
+    det.to(device)  # build_detector applies model.channels_last and model.compile (in place)
+    optimizer = build_optimizer(det, train)
+    state = RunState(model=det, optimizer=optimizer,
+                     schedule=Schedule(optimizer, train, plan.total_steps, plan.steps_per_epoch),
+                     scaler=torch.amp.GradScaler("cuda", enabled=(run.amp == "fp16")),
+                     monitor=Monitor.from_params(train), histories=Histories(out, run.main), sums=LossSums(device))
+    if saved:
+        state.load_state_dict(saved, dist_info.rank)
+        if not state.finished:
+            log.info("resuming %s from step %d of %d (epoch %d, batch %d)", run.last_path, state.step,
+                     plan.total_steps, state.epoch, state.batch_in_epoch)
+    _validation_data(run, index_dir, train_split, loader_args)
+    return run, state, saved or {}
+
+
+def _device_and_ranks(train: TrainParams) -> tuple[torch.device, distributed.Dist]:
+    device = resolve_device(train.device)
+    dist_info = distributed.init(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
+    if not dist_info.is_main:
+        logging.getLogger("mitdet").setLevel(logging.ERROR)  # only rank 0 prints
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    return device, dist_info
+
+
+def _resume_point(ck_dir: Path, fp: dict, main: bool) -> dict | None:
+    """The matching last.pt, decided by rank 0 and followed by the others; without one, an earlier run's
+    best.pt and epoch_NNN.pt are removed."""
+    last_path = ck_dir / "last.pt"
+    state = ckpt.load_matching(last_path, fp) if main else None
+    if main and state is None:
+        for stale in [ck_dir / "best.pt", *ck_dir.glob("epoch_*.pt")]:
+            if stale.exists():
+                stale.unlink()
+                log.info("removed %s of an earlier run", stale)
+    if distributed.broadcast_object(state is not None) and not main:
+        state = ckpt.load(last_path)
+    return state
+
+
+def _training_batches(data: Data, split, train: TrainParams, saved: dict | None, loader_args: dict) -> int:
+    """Build the training batches (a loader positioned at the resume point, or N fixed batches); their count."""
+    if train.overfit_batches > 0:  # N fixed batches, no augmentation, in index order; validated on themselves
+        fixed = build_loader(split, training=False, limit_images=train.overfit_batches * train.batch_size,
+                             **loader_args)
+        data.fixed_batches = list(fixed)
+        return len(data.fixed_batches)
+    epoch, batch = (saved["epoch"], saved["batch_in_epoch"]) if saved else (0, 0)
+    data.train_loader = build_loader(split, training=True, epoch=epoch, skip_batches=batch, **loader_args)
+    return len(data.train_loader)  # the same for every epoch and rank; skipping does not change it
+
+
+def _validation_data(run: Run, index_dir: str, train_split, loader_args: dict) -> None:
+    """Validation and quick-eval loaders (rank 0 validates on every image) and the ground truth, loaded once."""
+    train = run.params
+    if train.val.interval <= 0 and train.quick_eval.interval <= 0:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+    overfit = train.overfit_batches > 0
+    split = train_split if overfit else load_split(index_dir, "val")
+    gt_json = Path(index_dir) / ("instances_train.json" if overfit else "instances_val.json")
+    limit = min(train.val.max_images or 10**9, train.overfit_batches * train.batch_size) if overfit \
+        else train.val.max_images
+    args = dict(loader_args, rank=0, world_size=1)
+    if train.val.interval > 0:
+        run.data.val_loader = build_loader(split, training=False, limit_images=limit, **args)
+        if run.main:
+            run.data.val_gt = str(gt_json)
+    if train.quick_eval.interval > 0:  # a few images: no worker processes kept for them
+        run.data.quick_loader = build_loader(split, training=False, limit_images=train.quick_eval.samples,
+                                             **{**args, "num_workers": 0})
+
+
+def begin_training(run: Run, state: RunState, saved: dict, seed: int) -> None:
+    """From here on only the training RNG streams (seeded per rank, or restored) shape the run."""
+    if saved:
+        ckpt.set_rng_state(saved["ranks"][run.dist.rank]["rng"])  # this rank's own streams
+    else:
+        seed_everything(seed + run.dist.rank)
+    run.ddp = distributed.wrap(state.model, run.dist, run.device)
+    state.model.train()
+    if run.data.val_gt is not None:
+        run.data.val_gt = load_coco(run.data.val_gt)  # once: every validation scores against it
+    run.tb = TensorBoard(str(Path(run.out.model_dir) / "tensorboard") if (run.main and run.params.tensorboard)
+                         else None, purge_step=state.step or None)
+    run.bar = progress_bar(run.plan.total_steps, state.step, enabled=run.main and sys.stderr.isatty())
+    state.session_start = state.log_start = time.perf_counter()
+    state.session_first_step = state.step
+
+
+# ------------------------------------------------------------------------------------------------- loop
+def train_epochs(run: Run, state: RunState) -> None:
+    """Epochs from the resume point to the end of the plan (none when a resumed run had none left)."""
+    if state.early_stopped or state.step >= run.plan.total_steps:
+        return
+    while state.epoch < run.plan.num_epochs:
+        full_epoch = train_one_epoch(run, state)
+        end_epoch(run, state, full_epoch)
+        if state.early_stopped or state.step >= run.plan.total_steps:
+            return
+        if _stop_requested(run, state.step):
+            raise Interrupted(state.step, run.stop_flag.signum)
+
+
+def train_one_epoch(run: Run, state: RunState) -> bool:
+    """The batches of `state.epoch` from `state.batch_in_epoch` on; returns whether the epoch was used whole."""
+    end, accum = run.plan.batches_used, run.plan.accum
+    batch_idx = state.batch_in_epoch
+    micro = 0
+    step_loss = torch.zeros(5, device=run.device)
+    state.epoch_start = time.perf_counter()
+    for images, targets, skipped in until_stopped(_epoch_batches(run, state.epoch, batch_idx), run.stop_flag):
+        if batch_idx >= end or state.step >= run.plan.total_steps:
+            break
+        state.images_skipped += skipped
+        batch_idx += 1
+        if not images:  # every image of the batch failed to decode (counted above)
+            continue
+        micro += 1
+        step_loss += forward_backward(run, state, images, targets, sync=micro % accum == 0)
+        if micro % accum:
+            continue
+        keep_going, lr_used = optimizer_step(run, state, step_loss)
+        state.batch_in_epoch = batch_idx
+        after_step(run, state, keep_going, lr_used)
+        if state.early_stopped or state.step >= run.plan.total_steps or batch_idx >= end:
+            break
+    if run.stop_flag.signum is not None and state.batch_in_epoch < end and state.step < run.plan.total_steps:
+        save_last(run, state)  # the loader ended early: its workers died of the stop signal
+        raise Interrupted(state.step, run.stop_flag.signum)
+    return batch_idx >= end
+
+
+def _epoch_batches(run: Run, epoch: int, skip: int):
+    """An iterator over the epoch's batches after the first `skip`, created without moving the RNG streams."""
+    end = run.plan.batches_used
+    with ckpt.preserved_rng():  # creating the iterator draws seeds
+        if run.data.fixed_batches is not None:
+            return iter(run.data.fixed_batches[skip:end])
+        if skip >= end:
+            return iter(())
+        run.data.train_loader.batch_sampler.set_epoch(epoch)  # it skips `skip` batches of its first epoch only
+        return iter(run.data.train_loader)
+
+
+def forward_backward(run: Run, state: RunState, images, targets, sync: bool) -> torch.Tensor:
+    """Losses of one micro-batch and their gradients (DDP syncs them on the accumulation's last batch only);
+    returns the total loss and its four components, divided by the accumulation."""
+    images, targets = to_device(images, targets, run.device)
+    accum = run.plan.accum
+    with (contextlib.nullcontext() if sync or not run.dist.enabled else run.ddp.no_sync()):
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another trainer is running on {directory} (its .lock is held); wait for it or "
-                               "stop it first") from None
-        yield
+            loss_dict = run.ddp(images, targets)
+            loss = sum(loss_dict.values())
+            state.scaler.scale(loss / accum).backward()
+        except torch.OutOfMemoryError:
+            raise TrainingError(f"CUDA out of memory at train.batch_size = {run.params.batch_size} (grad_accum "
+                                f"{accum})", fix="lower train.batch_size and raise train.grad_accum to keep the "
+                                "effective batch") from None
+    state.sums.window[5] += len(images)
+    state.images_seen += len(images) * run.dist.world_size
+    return torch.stack([loss.detach().float()] + [loss_dict[k].detach().float() for k in LOSS_KEYS]) / accum
+
+
+def optimizer_step(run: Run, state: RunState, step_loss: torch.Tensor) -> tuple[bool, float]:
+    """One optimizer step, skipped (no update) when the loss was not finite on some rank; `step_loss` is reset.
+
+    One host sync learns whether the loss was finite and whether a stop was asked. Returns (keep going, lr used).
+    """
+    flags = torch.stack([torch.isfinite(step_loss).all().float(),
+                         torch.tensor(float(run.stop_flag.signum is None), device=run.device)])
+    finite, keep_going = (bool(x) for x in distributed.all_reduce_min(flags).tolist())
+    lr_used = state.schedule.lr
+    if finite:
+        if run.params.clip_grad_norm > 0:
+            state.scaler.unscale_(state.optimizer)
+            params = [p for g in state.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, run.params.clip_grad_norm)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.sums.add_step(step_loss)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.schedule.step()
+    state.step += 1
+    run.bar.update(1)
+    state.monitor.step_ok(finite, state.step, str(run.last_path))
+    step_loss.zero_()
+    return keep_going, lr_used
+
+
+def after_step(run: Run, state: RunState, keep_going: bool, lr_used: float) -> None:
+    """Log row, quick eval, step-based validation, the periodic checkpoint, and a requested stop."""
+    train, step, total = run.params, state.step, run.plan.total_steps
+    if step % train.log_every_steps == 0 or step == total:
+        log_row(run, state, lr_used)
+    if run.data.quick_loader is not None and run.main and step % train.quick_eval.interval == 0:
+        quick_eval(run, state.model, step)
+    if train.val.interval > 0 and train.val.unit == "steps" and step % train.val.interval == 0:
+        validate_now(run, state, state.epoch + 1)
+    if train.checkpoint.every_steps and step % train.checkpoint.every_steps == 0:
+        state.clock_epoch()
+        save_last(run, state)
+    if (not keep_going or run.hooks.should_stop(step)) and step < total:
+        state.clock_epoch()
+        save_last(run, state)
+        raise Interrupted(step, run.stop_flag.signum)
+
+
+def log_row(run: Run, state: RunState, lr_used: float) -> None:
+    """A row of train_batches.csv (mean losses since the last row over all ranks), the bar, TensorBoard."""
+    sums = state.sums.reduce_window()
+    n_ok = sums["steps"]  # finite steps x ranks; none: the losses are empty, not 0
+    row = {"epoch": state.epoch + 1, "step": state.step, "lr": lr_used, "timestamp": now(),
+           "images_per_s": sums["images"] / max(time.perf_counter() - state.log_start, 1e-9),
+           **{k: (sums[k] / n_ok if n_ok else None) for k in ("loss", *LOSS_KEYS)}}
+    state.histories.batches.append(row)  # written at the next checkpoint save, epoch end or the end
+    if n_ok:
+        state.monitor.loss_logged(row["loss"], state.step)
+    shown = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+    ema = "-" if state.monitor.loss_ema is None else f"{state.monitor.loss_ema:.4f}"
+    run.bar.set_postfix(loss=shown, ema=ema, lr=f"{lr_used:.2e}", img_s=f"{row['images_per_s']:.1f}", refresh=False)
+    if run.bar.disable:
+        done = state.step - state.session_first_step
+        eta = (run.plan.total_steps - state.step) * (time.perf_counter() - state.session_start) / done
+        log.info("step %d/%d epoch %d: loss %s (avg %s) lr %.3g %.1f images/s ETA %s", state.step,
+                 run.plan.total_steps, state.epoch + 1, shown, ema, lr_used, row["images_per_s"],
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+    run.tb.scalars(state.step, {"train/" + k: row[k] for k in ["loss", *LOSS_KEYS, "lr", "images_per_s"]})
+    state.log_start = time.perf_counter()
+
+
+def end_epoch(run: Run, state: RunState, full_epoch: bool) -> None:
+    """Validation (every `train.val.interval` epochs), the epoch's row, last.pt and the kept epoch_NNN.pt."""
+    train, epoch = run.params, state.epoch
+    state.clock_epoch()
+    val, is_best = None, False
+    if train.val.interval > 0 and train.val.unit == "epochs" and full_epoch \
+            and (epoch + 1) % train.val.interval == 0 and state.last_val_step != state.step:
+        val, is_best = validate_now(run, state, epoch + 1)
+    ck_name = run.last_path
+    if run.main and train.checkpoint.keep > 0 and full_epoch:
+        ck_name = Path(run.out.checkpoints) / f"epoch_{epoch + 1:03d}.pt"
+    state.histories.epochs.append({
+        "epoch": epoch + 1, "avg_loss": state.sums.reduce_epoch(), "epoch_seconds": state.epoch_seconds,
+        "lr": state.schedule.lr, "val_AP": val["AP"] if val else None, "val_AP50": val["AP50"] if val else None,
+        "is_best": int(is_best), "checkpoint": str(ck_name), "timestamp": now()})
+    run.tb.scalars(state.step, {"epoch/avg_loss": state.histories.epochs.rows[-1]["avg_loss"]})
+    state.epoch_seconds = 0.0
+    state.epoch, state.batch_in_epoch = epoch + 1, 0
+    save_last(run, state)
+    if run.main and ck_name != run.last_path:
+        ckpt.copy(run.last_path, ck_name)
+        ckpt.prune_periodic(run.out.checkpoints, train.checkpoint.keep)
+
+
+def _stop_requested(run: Run, step: int) -> bool:
+    """A stop signal on any rank, or the test hook."""
+    flags = torch.tensor([float(run.stop_flag.signum is None)], device=run.device)
+    return not distributed.all_reduce_min(flags).item() or run.hooks.should_stop(step)
+
+
+def save_last(run: Run, state: RunState) -> None:
+    """Write last.pt (rank 0) and flush the CSVs; every rank calls it (it gathers each rank's own state)."""
+    ranks = distributed.all_gather_object(state.rank_state())
+    if run.main:
+        ckpt.save(run.last_path, state.state_dict(run.fingerprint, ranks))
+        state.histories.flush()
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def quick_eval(model, loader, device, amp: str, label_to_category: dict, names: dict, top_k: int, step: int):
+def quick_eval(run: Run, model: nn.Module, step: int) -> None:
     """Predictions on a few images: how many, which categories, the top-k by count (log lines only)."""
     with ckpt.preserved_rng():
-        results, stats = predict(model, loader, device, label_to_category, amp=amp, progress=False)
+        results, stats = predict(model, run.data.quick_loader, run.device, run.data.label_to_category,
+                                 amp=run.amp, progress=False)
     model.train()
     counts = Counter(r["category_id"] for r in results)
-    top = ", ".join(f"{names.get(c, c)}:{n}" for c, n in counts.most_common(top_k))
+    names = run.data.names
+    top = ", ".join(f"{names.get(c, c)}:{n}" for c, n in counts.most_common(run.params.quick_eval.top_k))
     log.info("quick eval at step %d: %d predictions on %d images, %d categories detected; top: %s",
              step, len(results), stats["images"], len(counts), top or "-")
 
@@ -160,372 +475,64 @@ def validate(model, loader, device, amp: str, label_to_category: dict, gt, step:
     return s
 
 
-# ------------------------------------------------------------------------------------------------ train
-def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, index_dir: str = "data/index",
-          out: BackbonePaths | None = None, fingerprint_extra: dict | None = None,
-          should_stop: Callable[[int], bool] | None = None, model_fn: Callable | None = None) -> dict:
-    """Train `backbone` with `train` (per-backbone overrides already applied) and `model`; return train.json.
+def validate_now(run: Run, state: RunState, epoch: int) -> tuple[dict, bool]:
+    """Validate on rank 0 and share the result: the history row, best.pt, early stopping, a plateau schedule.
 
-    Resumes a matching interrupted `last.pt`; raises `Interrupted` after saving it on SIGINT/SIGTERM or when
-    `should_stop(step)` says so. `model_fn` replaces `build_detector` (same arguments), for tests.
+    `epoch`: the 1-based epoch the row and best.pt name (the epoch in progress, or the last one ended).
     """
-    out = out or BackbonePaths(backbone)
-    try:
-        with locked(Path(out.checkpoints), enabled=int(os.environ.get("RANK", "0")) == 0):
-            return _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, should_stop, model_fn)
-    finally:
-        distributed.cleanup()
+    step, name = state.step, run.params.val.monitor
+    result = None
+    if run.main:
+        result = validate(state.model, run.data.val_loader, run.device, run.amp, run.data.label_to_category,
+                          run.data.val_gt, step)
+    result = distributed.broadcast_object(result)
+    state.last_val_step = step
+    is_best, stop = state.monitor.validated(result[name], step, epoch)
+    state.schedule.observe(result[name])
+    state.early_stopped = state.early_stopped or stop
+    if run.main:
+        state.histories.val.append({"step": step, "epoch": epoch, **result})
+        if is_best:
+            ckpt.save(run.best_path, {"model": state.model.state_dict(), "step": step, "epoch": epoch,
+                                      "fingerprint": run.fingerprint, "metric": result[name], "monitor": name})
+    run.tb.scalars(step, {f"val/{k}": v for k, v in result.items()})
+    return result, is_best
 
 
-def _train(backbone, train, model, seed, index_dir, out, fingerprint_extra, should_stop, model_fn) -> dict:
-    device = resolve_device(train.device)
-    dist_info = distributed.init(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank if dist_info.enabled else torch.cuda.current_device())
-    main = dist_info.is_main
-    if not main:
-        logging.getLogger("mitdet").setLevel(logging.ERROR)  # only rank 0 prints
-    if train.threads > 0:
-        torch.set_num_threads(train.threads)
-    amp = amp_mode(train.amp, device)
+# ------------------------------------------------------------------------------------------------- end
+def summary(run: Run, state: RunState) -> dict:
+    """train.json of a run that just ended; last.pt is saved finished with it."""
+    monitor, seconds = state.monitor, state.elapsed()
+    validated = monitor.best_step >= 0
+    batches = state.histories.batches.rows
+    result = {
+        "backbone": run.backbone, "epochs": round(state.step / run.plan.steps_per_epoch, 3), "steps": state.step,
+        "total_steps": run.plan.total_steps, "best_epoch": monitor.best_epoch if validated else None,
+        "best_step": monitor.best_step if validated else None, "best_metric": monitor.best if validated else None,
+        "monitor": run.params.val.monitor, "weights_from": "best" if validated else "last",
+        "early_stopped": state.early_stopped, "final_loss": batches[-1]["loss"] if batches else None,
+        "seconds": seconds, "images_seen": state.images_seen, "images_per_s": state.images_seen / max(seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(run.device), "images_skipped": state.images_skipped,
+        "nonfinite_steps": monitor.nonfinite_steps, "params": count_parameters(state.model), "lr": state.schedule.lr,
+        "amp": run.amp, "device": run.device.type, "world_size": run.dist.world_size,
+        "resumed_from_step": state.resumed_from_step,
+    }
+    state.finished, state.result, state.batch_in_epoch = True, result, 0
+    save_last(run, state)
+    return result
 
-    # -- data: the index only (never the raw annotations)
-    train_split = load_split(index_dir, "train")
-    categories = train_split.categories
-    label_to_category = {c.label: c.id for c in categories}
-    names = {c.id: c.name for c in categories}
-    bs, accum = train.batch_size, train.grad_accum
-    loader_args = dict(model=model, train=train, seed=seed, batch_size=bs, num_workers=train.num_workers,
-                       rank=dist_info.rank, world_size=dist_info.world_size)
 
-    # -- the run's identity, and what is left of it on disk: rank 0 decides whether to resume, the others follow
-    fp = ckpt.fingerprint(train, model, seed, index_dir,
-                          {"backbone": backbone, "world_size": dist_info.world_size, **(fingerprint_extra or {})})
-    ck_dir = Path(out.checkpoints)
-    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
-    state = ckpt.load_matching(last_path, fp) if main else None
-    if main and state is None:
-        for stale in [best_path, *ck_dir.glob("epoch_*.pt")]:
-            if stale.exists():
-                stale.unlink()
-                log.info("removed %s of an earlier run", stale)
-    if distributed.broadcast_object(state is not None) and not main:
-        state = ckpt.load(last_path)
-
-    # -- the batches: one training loader for the whole run (its persistent workers outlive the epochs)
-    start_epoch, start_batch = (state["epoch"], state["batch_in_epoch"]) if state is not None else (0, 0)
-    train_loader = None
-    if train.overfit_batches > 0:  # N fixed batches, no augmentation, in index order; validated on themselves
-        fixed = build_loader(train_split, training=False, limit_images=train.overfit_batches * bs, **loader_args)
-        fixed_batches = list(fixed)
-        batches_per_epoch = len(fixed_batches)
-        val_split, gt_json = train_split, str(Path(index_dir) / "instances_train.json")
-    else:
-        train_loader = build_loader(train_split, training=True, epoch=start_epoch, skip_batches=start_batch,
-                                    **loader_args)
-        batches_per_epoch = len(train_loader)  # the same for every epoch and rank; skipping does not change it
-        val_split, gt_json = None, str(Path(index_dir) / "instances_val.json")
-    steps_per_epoch = batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"train.grad_accum = {accum} exceeds the {batches_per_epoch} batches of an epoch "
-                         f"(batch_size {bs}); lower train.grad_accum or train.batch_size")
-    total_steps = train.max_steps if train.max_steps > 0 else train.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    val_on = train.val.interval > 0
-    if (val_on or train.quick_eval.interval > 0) and val_split is None:
-        val_split = load_split(index_dir, "val")
-    val_limit = train.val.max_images
-    if train.overfit_batches > 0:
-        val_limit = min(val_limit or 10**9, train.overfit_batches * bs)
-
-    # -- model, optimizer, schedule (same init on every rank; DDP also broadcasts rank 0's weights)
-    seed_everything(seed)
-    det = (model_fn or build_detector)(backbone, num_classes=len(categories) + 1, model=model,
-                                       train_min_sizes=tuple(train.augment.multi_scale) or None)
-    det.to(device)  # build_detector applies model.channels_last and model.compile (in place)
-    optimizer = build_optimizer(det, train)
-    schedule = Schedule(optimizer, train, total_steps, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
-    monitor = Monitor.from_params(train)
-    rows = {"batches": [], "epochs": [], "val": []}
-    start_step = 0
-    seconds_before, images_seen, images_skipped, resumed_from = 0.0, 0, 0, 0
-    epoch_seconds = 0.0
-    # summed on the device since the last log row: loss, 4 components, images, finite steps; then the epoch's
-    # loss sum and finite steps (read back only at log rows and epoch ends: no per-step host sync for them)
-    acc = torch.zeros(9, device=device)
-    last_val_step, early_stopped = -1, False
-    if state is not None:
-        det.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        monitor.load_state_dict(state["monitor"])
-        rows = {k: list(v) for k, v in state["csv"].items()}
-        start_step = state["step"]
-        seconds_before, images_seen, images_skipped = state["seconds"], state["images_seen"], state["images_skipped"]
-        epoch_seconds, last_val_step, early_stopped = state["epoch_seconds"], state["last_val_step"], state["early_stopped"]
-        acc = state["ranks"][dist_info.rank]["acc"].to(device)  # this rank's partial sums
-        resumed_from = state["resumed_from_step"] if state["finished"] else start_step
-        if not state["finished"]:
-            log.info("resuming %s from step %d of %d (epoch %d, batch %d)", last_path, start_step, total_steps,
-                     start_epoch, start_batch)
-    n_params = count_parameters(det)
-    csv_batches = CsvLog(out.train_batches_csv if main else None, BATCH_COLUMNS, rows["batches"])
-    csv_epochs = CsvLog(out.train_epochs_csv if main else None, EPOCH_COLUMNS, rows["epochs"])
-    csv_val = CsvLog(out.val_history_csv if main else None, VAL_COLUMNS, rows["val"])
-
-    def summary(step: int, weights_from: str) -> dict:
-        seconds = seconds_before + (time.perf_counter() - t_session)
-        return {
-            "backbone": backbone, "epochs": round(step / steps_per_epoch, 3), "steps": step, "total_steps": total_steps,
-            "best_epoch": monitor.best_epoch if monitor.best_step >= 0 else None,
-            "best_step": monitor.best_step if monitor.best_step >= 0 else None,
-            "best_metric": monitor.best if monitor.best_step >= 0 else None, "monitor": train.val.monitor,
-            "weights_from": weights_from, "early_stopped": early_stopped,
-            "final_loss": csv_batches.rows[-1]["loss"] if csv_batches.rows else None,
-            "seconds": seconds, "images_seen": images_seen, "images_per_s": images_seen / max(seconds, 1e-9),
-            "peak_memory_mb": peak_memory_mb(device), "images_skipped": images_skipped,
-            "nonfinite_steps": monitor.nonfinite_steps, "params": n_params, "lr": schedule.lr,
-            "amp": amp, "device": device.type, "world_size": dist_info.world_size,
-            "resumed_from_step": resumed_from,
-        }
-
-    def checkpoint_state(step, epoch, batch_in_epoch, ranks, finished=False, result=None) -> dict:
-        """What last.pt holds; `ranks`: each rank's RNG streams and unlogged partial sums, in rank order."""
-        return {
-            "fingerprint": fp, "finished": finished, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "total_steps": total_steps, "model": det.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "monitor": monitor.state_dict(), "ranks": ranks,
-            "csv": {"batches": csv_batches.rows, "epochs": csv_epochs.rows, "val": csv_val.rows},
-            "seconds": seconds_before + (time.perf_counter() - t_session), "images_seen": images_seen,
-            "images_skipped": images_skipped, "epoch_seconds": epoch_seconds,
-            "last_val_step": last_val_step, "early_stopped": early_stopped, "resumed_from_step": resumed_from,
-            "result": result or {},
-        }
-
-    def save_last(step, epoch, batch_in_epoch, finished=False, result=None):
-        """Write last.pt (rank 0) and flush the CSVs; every rank calls it (it gathers each rank's own state)."""
-        ranks = distributed.all_gather_object({"rng": ckpt.rng_state(), "acc": acc.cpu()})
-        if main:
-            ckpt.save(last_path, checkpoint_state(step, epoch, batch_in_epoch, ranks, finished, result))
-            for c in (csv_batches, csv_epochs, csv_val):
-                c.flush()
-
-    def finish(result: dict) -> dict:
-        """Final weights (best if validation ran, else last), train.json and the CSVs: rank 0 writes."""
-        if main:
-            if result["weights_from"] == "best":
-                det.load_state_dict(ckpt.load(best_path)["model"])
-            spec = {"format": "mitdet-detector-v1", "backbone": backbone, "num_classes": len(categories) + 1,
-                    "categories": [{"id": c.id, "name": c.name, "label": c.label} for c in categories],
-                    "model": to_dict(model), "weights_from": result["weights_from"], "step": result["steps"]}
-            save_inference_model(det, spec, out.model_dir)
-            for c in (csv_batches, csv_epochs, csv_val):
-                c.flush()
-            write_json(out.train_metrics, result)
-            log.info("%s: %d steps in %.0f s (%.2f images/s); weights from %s.pt -> %s", backbone, result["steps"],
-                     result["seconds"], result["images_per_s"], result["weights_from"], out.weights)
-        distributed.barrier()
-        return result
-
-    t_session = time.perf_counter()
-    if state is not None and state["finished"]:  # same params, data and code: rewrite the outputs from it
-        log.info("%s holds a finished run matching these params: rewriting its outputs", last_path)
-        return finish(dict(state["result"]))
-
-    # -- from here on, only the training RNG streams (seeded per rank, or restored) shape the run
-    if state is not None:
-        ckpt.set_rng_state(state["ranks"][dist_info.rank]["rng"])  # this rank's own streams
-    else:
-        seed_everything(seed + dist_info.rank)
-    ddp = distributed.wrap(det, dist_info, device)
-    det.train()
-    val_loader = qe_loader = val_gt = None
-    if val_on and main:
-        val_gt = load_coco(gt_json)  # once: every validation scores against it
-    if val_split is not None:
-        val_args = dict(loader_args, rank=0, world_size=1)  # rank 0 validates on every image
-        if val_on:
-            val_loader = build_loader(val_split, training=False, limit_images=val_limit, **val_args)
-        if train.quick_eval.interval > 0:  # a few images: no worker processes kept for them
-            qe_loader = build_loader(val_split, training=False, limit_images=train.quick_eval.samples,
-                                     **{**val_args, "num_workers": 0})
-    tb = TensorBoard(str(Path(out.model_dir) / "tensorboard") if (main and train.tensorboard) else None,
-                     purge_step=start_step or None)
-    bar = progress_bar(total_steps, start_step, enabled=main and sys.stderr.isatty())  # else: log lines
-    params_to_clip = [p for g in optimizer.param_groups for p in g["params"]]
-
-    def run_validation(step: int, epoch: int) -> tuple[dict | None, bool]:
-        """Validate on rank 0, share the result; returns (AP dict, is_best) and may set early stopping."""
-        nonlocal last_val_step, early_stopped
-        result = None
-        if main:
-            result = validate(det, val_loader, device, amp, label_to_category, val_gt, step)
-        result = distributed.broadcast_object(result)
-        last_val_step = step
-        is_best, stop = monitor.validated(result[train.val.monitor], step, epoch)
-        schedule.observe(result[train.val.monitor])
-        early_stopped = early_stopped or stop
-        if main:
-            csv_val.append({"step": step, "epoch": epoch, **result})
-            if is_best:
-                ckpt.save(best_path, {"model": det.state_dict(), "step": step, "epoch": epoch, "fingerprint": fp,
-                                      "metric": result[train.val.monitor], "monitor": train.val.monitor})
-        tb.scalars(step, {f"val/{k}": v for k, v in result.items()})
-        return result, is_best
-
-    # `epoch`: the 0-based epoch last begun (rows and checkpoints say epoch + 1); a run resumed after its last
-    # epoch (early stopped, or stopped before its final validation) begins none
-    step, epoch = start_step, start_epoch - 1
-    epochs_left = range(start_epoch, num_epochs) if not early_stopped and step < total_steps else range(0)
-    t_log = time.perf_counter()
-    with StopFlag() as stop_flag, backbone_autocast(det, device, amp):  # heads in float32, as in evaluation
-        try:
-            for epoch in epochs_left:
-                skip = start_batch if epoch == start_epoch else 0
-                end = steps_per_epoch * accum  # trailing batches that do not fill an accumulation are left out
-                t_epoch = time.perf_counter()
-                with ckpt.preserved_rng():  # creating the iterator draws seeds: keep the training streams as they are
-                    if train.overfit_batches > 0:
-                        batches = iter(fixed_batches[skip:end])
-                    elif skip >= end:
-                        batches = iter(())
-                    else:  # the sampler skips `skip` batches of the epoch it was built for (resume) only
-                        train_loader.batch_sampler.set_epoch(epoch)
-                        batches = iter(train_loader)
-                batch_idx, micro, step_batch = skip, 0, skip  # step_batch: batches consumed at the last step
-                step_loss = torch.zeros(5, device=device)
-                for images, targets, skipped in until_stopped(batches, stop_flag):
-                    if batch_idx >= end or step >= total_steps:
-                        break
-                    images_skipped += skipped
-                    if not images:  # every image of the batch failed to decode (counted above)
-                        batch_idx += 1
-                        continue
-                    images, targets = to_device(images, targets, device)
-                    micro += 1
-                    batch_idx += 1
-                    sync = not dist_info.enabled or micro % accum == 0
-                    with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                        try:
-                            loss_dict = ddp(images, targets)
-                            loss = sum(loss_dict.values())
-                            scaler.scale(loss / accum).backward()
-                        except torch.OutOfMemoryError:
-                            raise RuntimeError(
-                                f"CUDA out of memory at train.batch_size = {bs} (grad_accum {accum}): lower "
-                                "train.batch_size and raise train.grad_accum to keep the effective batch") from None
-                    step_loss += torch.stack([loss.detach().float()] +
-                                             [loss_dict[k].detach().float() for k in LOSS_KEYS]) / accum
-                    acc[5] += len(images)
-                    images_seen += len(images) * dist_info.world_size
-                    if micro % accum:
-                        continue
-
-                    # -- one optimizer step; one host sync to learn whether the loss was finite (and any stop)
-                    flags = torch.stack([torch.isfinite(step_loss).all().float(),
-                                         torch.tensor(float(stop_flag.signum is None), device=device)])
-                    finite, keep_going = (bool(x) for x in distributed.all_reduce_min(flags).tolist())
-                    lr_used = schedule.lr
-                    if finite:
-                        if train.clip_grad_norm > 0:
-                            scaler.unscale_(optimizer)
-                            torch.nn.utils.clip_grad_norm_(params_to_clip, train.clip_grad_norm)
-                        scaler.step(optimizer)
-                        scaler.update()
-                        acc[:5] += step_loss
-                        acc[6] += 1
-                        acc[7] += step_loss[0]
-                        acc[8] += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    schedule.step()
-                    step += 1
-                    step_batch = batch_idx
-                    bar.update(1)
-                    monitor.step_ok(finite, step, str(last_path))
-                    step_loss.zero_()
-
-                    if step % train.log_every_steps == 0 or step == total_steps:
-                        sums = distributed.all_reduce_sum(acc[:7].clone()).tolist()
-                        n_ok = sums[6]  # finite steps x ranks; none: the losses are empty, not 0
-                        losses = {"loss": sums[0], **{k: sums[i + 1] for i, k in enumerate(LOSS_KEYS)}}
-                        row = {"epoch": epoch + 1, "step": step, "lr": lr_used, "timestamp": now(),
-                               "images_per_s": sums[5] / max(time.perf_counter() - t_log, 1e-9),
-                               **{k: (v / n_ok if n_ok else None) for k, v in losses.items()}}
-                        csv_batches.append(row)  # written at the next checkpoint save, epoch end or the end
-                        if n_ok:
-                            monitor.loss_logged(row["loss"], step)
-                        shown = "-" if row["loss"] is None else f"{row['loss']:.4f}"
-                        ema = "-" if monitor.loss_ema is None else f"{monitor.loss_ema:.4f}"
-                        bar.set_postfix(loss=shown, ema=ema, lr=f"{lr_used:.2e}", img_s=f"{row['images_per_s']:.1f}",
-                                        refresh=False)
-                        if bar.disable:
-                            eta = (total_steps - step) * (time.perf_counter() - t_session) / (step - start_step)
-                            log.info("step %d/%d epoch %d: loss %s (avg %s) lr %.3g %.1f images/s ETA %s", step,
-                                     total_steps, epoch + 1, shown, ema, lr_used,
-                                     row["images_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
-                        tb.scalars(step, {"train/" + k: row[k] for k in ["loss", *LOSS_KEYS, "lr", "images_per_s"]})
-                        acc[:7] = 0
-                        t_log = time.perf_counter()
-
-                    if qe_loader is not None and main and step % train.quick_eval.interval == 0:
-                        quick_eval(det, qe_loader, device, amp, label_to_category, names, train.quick_eval.top_k,
-                                   step)
-                    if val_on and train.val.unit == "steps" and step % train.val.interval == 0:
-                        run_validation(step, epoch + 1)
-                    if train.checkpoint.every_steps and step % train.checkpoint.every_steps == 0:
-                        epoch_seconds, t_epoch = epoch_seconds + time.perf_counter() - t_epoch, time.perf_counter()
-                        save_last(step, epoch, batch_idx)
-                    requested = should_stop is not None and should_stop(step)
-                    if (not keep_going or requested) and step < total_steps:
-                        epoch_seconds, t_epoch = epoch_seconds + time.perf_counter() - t_epoch, time.perf_counter()
-                        save_last(step, epoch, batch_idx)
-                        raise Interrupted(step, stop_flag.signum)
-                    if early_stopped or step >= total_steps or batch_idx >= end:
-                        break
-
-                if stop_flag.signum is not None and step_batch < end and step < total_steps:  # loader ended early
-                    save_last(step, epoch, step_batch)
-                    raise Interrupted(step, stop_flag.signum)
-
-                # -- end of the epoch (or of the run within it)
-                epoch_seconds += time.perf_counter() - t_epoch
-                val, is_best = None, False
-                full_epoch = batch_idx >= end
-                if val_on and train.val.unit == "epochs" and full_epoch and (epoch + 1) % train.val.interval == 0 \
-                        and last_val_step != step:
-                    val, is_best = run_validation(step, epoch + 1)
-                ck_name = last_path
-                if main and train.checkpoint.keep > 0 and full_epoch:
-                    ck_name = ck_dir / f"epoch_{epoch + 1:03d}.pt"
-                loss_sum, n_ok = distributed.all_reduce_sum(acc[7:9].clone()).tolist()
-                csv_epochs.append({
-                    "epoch": epoch + 1, "avg_loss": loss_sum / n_ok if n_ok else None, "epoch_seconds": epoch_seconds,
-                    "lr": schedule.lr,
-                    "val_AP": val["AP"] if val else None, "val_AP50": val["AP50"] if val else None,
-                    "is_best": int(is_best), "checkpoint": str(ck_name), "timestamp": now()})
-                tb.scalars(step, {"epoch/avg_loss": csv_epochs.rows[-1]["avg_loss"]})
-                acc[7:9], epoch_seconds = 0, 0.0
-                save_last(step, epoch + 1, 0)
-                if main and ck_name != last_path:
-                    ckpt.copy(last_path, ck_name)
-                    ckpt.prune_periodic(ck_dir, train.checkpoint.keep)
-                if early_stopped or step >= total_steps:
-                    break
-                flags = torch.tensor([float(stop_flag.signum is None)], device=device)
-                if not distributed.all_reduce_min(flags).item() or (should_stop is not None and should_stop(step)):
-                    raise Interrupted(step, stop_flag.signum)
-
-            # -- the end: a last validation if the final weights were not validated, then the outputs
-            if val_on and last_val_step != step:
-                run_validation(step, epoch + 1)
-        finally:
-            bar.close()
-            tb.close()
-    weights_from = "best" if monitor.best_step >= 0 else "last"
-    result = summary(step, weights_from)
-    save_last(step, epoch + 1, 0, finished=True, result=result)
-    return finish(result)
+def finish(run: Run, state: RunState, result: dict) -> dict:
+    """Final weights (best if validation ran, else last), train.json and the CSVs: rank 0 writes."""
+    if run.main:
+        if result["weights_from"] == "best":
+            state.model.load_state_dict(ckpt.load(run.best_path)["model"])
+        spec = inference_spec(run.backbone, run.data.categories, run.model_params, result["weights_from"],
+                              result["steps"])
+        save_inference_model(state.model, spec, run.out.model_dir)
+        state.histories.flush()
+        write_json(run.out.train_metrics, result)
+        log.info("%s: %d steps in %.0f s (%.2f images/s); weights from %s.pt -> %s", run.backbone, result["steps"],
+                 result["seconds"], result["images_per_s"], result["weights_from"], run.out.weights)
+    distributed.barrier()
+    return result
