@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: repro test venv dvc-yaml check-dvc-yaml bench clean-venv
+.PHONY: repro test lint venv dvc-yaml check-dvc-yaml bench clean-venv
 
 venv: $(STAMP)
 
@@ -27,7 +27,11 @@ repro: $(STAMP)
 	$(BIN)/python -m mitdet.pipeline --check
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: $(STAMP)
+# Lint only (pyflakes, bugbear, complexity; config in pyproject.toml); no formatting.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

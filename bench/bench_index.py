@@ -34,7 +34,7 @@ def _sources(n_kinds: int = 12) -> list[tuple[bytes, int, int]]:
     """A few real encoded JPEGs of varied sizes and content (textured, as photos are)."""
     rng = np.random.default_rng(0)
     out = []
-    for k in range(n_kinds):
+    for _ in range(n_kinds):
         w, h = int(rng.integers(48, 200)), int(rng.integers(48, 200))
         base = cv2.resize(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
         noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)

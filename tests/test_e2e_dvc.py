@@ -85,6 +85,24 @@ def read_strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def experiment_and_baseline(show: list[dict]) -> tuple[dict, dict]:
+    """`dvc exp show --json` -> (the baseline commit's data, its one experiment's data)."""
+    baselines = [e for e in show if e["rev"] != "workspace"]
+    assert len(baselines) == 1, show
+    runs = [r for group in baselines[0]["experiments"] or [] for r in group["revs"]]
+    assert len(runs) == 1, baselines[0]["experiments"]
+    assert baselines[0]["error"] is None and runs[0]["error"] is None, (baselines[0]["error"], runs[0]["error"])
+    return baselines[0]["data"], runs[0]["data"]
+
+
+def params_of(data: dict) -> dict:
+    return data["params"]["params.yaml"]["data"]
+
+
+def train_metrics_of(data: dict, backbone: str) -> dict:
+    return data["metrics"][f"metrics/{backbone}/train.json"]["data"]
+
+
 def test_repro_runs_every_stage_and_writes_outputs(project):
     work, _, _, repro = project
     for stage in ["prepare_data", "build_index", *[f"{k}_{b}" for k in ("train", "evaluate") for b in BACKBONES],
@@ -133,8 +151,16 @@ def test_exp_run_with_new_lr_reruns_only_train_dependents(project):
     changed = json.loads(diff)
     assert any(path.startswith("metrics/mit_b0/") for path in changed), changed
 
-    show = run([dvc, "exp", "show", "--json"], work, env)
-    assert "train.lr" in show or '"lr"' in show
+    # the experiment, as DVC recorded it: its params say lr 0.01 (the baseline's do not), and each backbone's
+    # training metrics differ from the baseline's (final_loss: the same data and steps, another learning rate)
+    baseline, exp = experiment_and_baseline(json.loads(run([dvc, "exp", "show", "--json"], work, env)))
+    assert params_of(exp)["train"]["lr"] == 0.01
+    assert params_of(baseline)["train"]["lr"] == yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["lr"]
+    assert params_of(baseline)["train"]["lr"] != 0.01
+    for b in BACKBONES:
+        old, new = train_metrics_of(baseline, b), train_metrics_of(exp, b)
+        assert old["steps"] == new["steps"] > 0, (old, new)
+        assert isinstance(new["final_loss"], float) and new["final_loss"] != old["final_loss"], (b, old, new)
 
 
 def test_plots_show_writes_html(project):

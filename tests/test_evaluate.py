@@ -192,7 +192,6 @@ def write_coco_split(root, split: str, sizes, rng, crowd_on=None, broken=None):
 
 @pytest.fixture
 def evaluated_project(tmp_path, capsys):
-    pytest.importorskip("mitdet.data.index")
     from mitdet.data.index import build_index
     from mitdet.io import write_json
     from mitdet.models import build_detector, save_inference_model

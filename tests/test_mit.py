@@ -22,7 +22,7 @@ def test_every_stage_has_its_stride_and_width_and_the_parameter_count_matches(na
     with torch.no_grad():
         feats = encoder(x)
     assert [tuple(f.shape) for f in feats] == [(2, c, 64 // s, 96 // s)
-                                               for c, s in zip(EMBED_DIMS[name], (4, 8, 16, 32))]
+                                               for c, s in zip(EMBED_DIMS[name], (4, 8, 16, 32), strict=True)]
     assert all(torch.isfinite(f).all() for f in feats)
     millions = sum(p.numel() for p in encoder.parameters()) / 1e6
     assert abs(millions - REFERENCE_PARAMS_M[name]) / REFERENCE_PARAMS_M[name] < 0.005, millions

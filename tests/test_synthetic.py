@@ -44,7 +44,8 @@ def test_coco_format_and_variety(tmp_path):
         px = cv2.imread(str(Path(splits["train"]["images"]) / im["file_name"]), cv2.IMREAD_UNCHANGED)
         assert px.shape[:2] == (im["height"], im["width"])
         assert SMALL.min_side <= min(px.shape[:2]) and max(px.shape[:2]) <= SMALL.max_side
-        shapes.add("landscape" if im["width"] > im["height"] else "portrait" if im["width"] < im["height"] else "square")
+        iw, ih = im["width"], im["height"]
+        shapes.add("landscape" if iw > ih else "portrait" if iw < ih else "square")
         gray += px.ndim == 2
         for a in by_image.get(im["id"], []):
             x, y, w, h = a["bbox"]

@@ -70,7 +70,8 @@ def pareto_set(points: dict[str, tuple[float | None, float | None]]) -> list[str
     return sorted(front, key=lambda n: (valid[n][0], n))
 
 
-def ap_by_class_and_backbone(backbones: list[str], rows: dict[str, dict], root: str | Path = ".") -> dict[str, dict[str, Any]]:
+def ap_by_class_and_backbone(backbones: list[str], rows: dict[str, dict],
+                             root: str | Path = ".") -> dict[str, dict[str, Any]]:
     """class -> {backbone: AP or None, '_num_gt': the largest GT count any backbone saw} over backbones with metrics."""
     root = Path(root)
     table: dict[str, dict[str, Any]] = {}
@@ -213,7 +214,8 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
     pareto = pareto_set({b: (r["ms_per_image"], r[metric]) for b, r in ok.items()})
     pareto_params = pareto_set({b: (r["params_m"], r[metric]) for b, r in ok.items()})
     for b, r in rows.items():
-        r["pareto"] = (b in pareto) if r["status"] == "ok" and r["ms_per_image"] is not None and r[metric] is not None else None
+        measured = r["status"] == "ok" and r["ms_per_image"] is not None and r[metric] is not None
+        r["pareto"] = (b in pareto) if measured else None
     ranked = [b for b, r in ok.items() if r[metric] is not None]
     best = max(ranked, key=lambda b: ok[b][metric]) if ranked else None  # ties: the first (smaller) backbone
     out = {"metric": metric, "best_backbone": best, "pareto": pareto, "pareto_params": pareto_params,

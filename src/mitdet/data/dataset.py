@@ -37,7 +37,8 @@ class DetectionDataset(Dataset):
         rec = self.records[index]
         image = cv2.imread(rec.file, READ_FLAGS)
         if image is None or image.shape[:2] != (rec.height, rec.width):
-            why = "cannot be decoded" if image is None else f"is {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
+            why = ("cannot be decoded" if image is None
+                   else f"is {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}")
             log.warning("skipping %s (image_id %d): the file %s", rec.file, rec.image_id, why)
             return None
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -76,7 +77,8 @@ def build_loader(split: SplitIndex, *, model: ModelParams, train: TrainParams | 
                                       skip_batches=skip_batches)
     else:
         dataset = DetectionDataset(split, build_transform(model, None, seed))
-        sampler = OrderedBatchSampler(len(split.images), batch_size, limit=limit_images, rank=rank, world_size=world_size)
+        sampler = OrderedBatchSampler(len(split.images), batch_size, limit=limit_images, rank=rank,
+                                      world_size=world_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

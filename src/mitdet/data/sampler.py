@@ -15,7 +15,7 @@ from torch.utils.data import Sampler
 def aspect_ratio_groups(widths, heights, k: int = 3) -> list[int]:
     """Group id per image from width/height, binned as torchvision's reference does (2k+1 log-spaced edges)."""
     bins = (2 ** np.linspace(-1, 1, 2 * k + 1)).tolist()
-    return [bisect_right(bins, w / h) for w, h in zip(widths, heights)]
+    return [bisect_right(bins, w / h) for w, h in zip(widths, heights, strict=True)]
 
 
 class GroupedBatchSampler(Sampler):

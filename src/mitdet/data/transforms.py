@@ -2,6 +2,14 @@
 
 Every random draw comes from a generator seeded by (seed, epoch, sample index), so a resumed run and any number
 of DataLoader workers produce exactly the augmentations of an uninterrupted run.
+
+Why the pipeline is reseeded per sample: albumentations (2.0.8) `Compose` keeps its own random generators, apart
+from Python's, NumPy's and torch's, so the usual global seeding does not reach it:
+- with global seeds set and `Compose(seed=None)`, two runs augment differently;
+- with a fixed `Compose(seed=...)`, every DataLoader worker draws the same augmentations, and a usual
+  `worker_init_fn` that seeds random/NumPy/torch does not change that;
+- a process restarted at epoch 2 starts the generators afresh and replays epoch 0's augmentations.
+Exact resume therefore needs the transform reseeded from (seed, epoch, sample index) before every sample.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ from mitdet.params import AugmentParams, ModelParams
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
-    """(new_h, new_w, scale): shorter side to `min_size` unless the longer would pass `max_size` (torchvision's rule)."""
+    """(new_h, new_w, scale): shorter side to `min_size` unless the longer would pass `max_size` (torchvision's
+    rule)."""
     scale = min(min_size / min(height, width), max_size / max(height, width))
     return max(1, int(round(height * scale))), max(1, int(round(width * scale))), scale
 
@@ -54,7 +63,7 @@ class DetectionTransform:
         nh, nw, scale = resized_shape(h, w, min_size, self.max_size)
         out = self._resizer(nh, nw)(image=image, bboxes=boxes.reshape(-1, 4), labels=labels)
         if self.pipeline is not None:
-            # reseed from (seed, epoch, index): albumentations keeps its own generators (CALIBRATION.md)
+            # reseed from (seed, epoch, index): Compose's own generators ignore global seeds (module docstring)
             self.pipeline.set_random_seed(int(rng.integers(2**31 - 1)))
             out = self.pipeline(image=out["image"], bboxes=out["bboxes"], labels=out["labels"])
         boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)

@@ -157,7 +157,7 @@ class MixVisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()  # deeper blocks drop more
         chans = [in_chans, *cfg.embed_dims[:-1]]
         start = 0
-        for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths), start=1):
+        for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths, strict=True), start=1):
             self.add_module(f"patch_embed{i}", OverlapPatchEmbed(cfg.patch_sizes[i - 1], cfg.strides[i - 1],
                                                                  chans[i - 1], dim))
             self.add_module(f"block{i}", nn.ModuleList(
@@ -215,7 +215,8 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_mit(name: str, drop_path_rate: float = 0.0, frozen_stages: int = 0, in_chans: int = 3) -> MixVisionTransformer:
+def build_mit(name: str, drop_path_rate: float = 0.0, frozen_stages: int = 0,
+              in_chans: int = 3) -> MixVisionTransformer:
     """The MiT encoder `name` (mit_b0..mit_b5), randomly initialised as SegFormer does."""
     if name not in MIT_CONFIGS:
         raise ValueError(f"unknown backbone '{name}'; choose one of: {', '.join(MIT_CONFIGS)}")
