@@ -4,19 +4,15 @@ Reads params `index` only; the data comes through data/raw/manifest.json.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
+from mitdet import stage
 from mitdet.data.index import build_index
-from mitdet.params import load_params_or_exit
+from mitdet.params import load_params
 from mitdet.paths import INDEX_DIR, INDEX_METRICS, RAW_MANIFEST, REJECTED_CSV
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
+def main(argv: list[str] | None = None) -> int:
+    args = stage.parse_args(__doc__, argv)
+    params = load_params(args.params)
     metrics = build_index(RAW_MANIFEST, params.index, INDEX_DIR, INDEX_METRICS)
     for split, m in metrics["splits"].items():
         dropped = {**m["images_rejected"], **{f"box:{k}": v for k, v in m["annotations_rejected"].items()}}
@@ -28,4 +24,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage.run(main)

@@ -5,21 +5,16 @@ data.coco2017.download_dir (outside DVC's cache) and points at it; local -> poin
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-
+from mitdet import stage
 from mitdet.data.sources import prepare
-from mitdet.params import load_params_or_exit
+from mitdet.params import load_params
 from mitdet.paths import RAW_MANIFEST
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params_or_exit(args.params)
+def main(argv: list[str] | None = None) -> int:
+    args = stage.parse_args(__doc__, argv)
+    stage.setup_logging()
+    params = load_params(args.params)
     manifest = prepare(params.data, params.seed)
     for split, d in manifest["splits"].items():
         n = manifest["fingerprint"][split]["images"]
@@ -29,4 +24,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage.run(main)

@@ -5,20 +5,16 @@ parameters and latency with the Pareto front, per-class AP across backbones). Ab
 """
 from __future__ import annotations
 
-import argparse
-import sys
-
-from mitdet.params import load_params_or_exit
+from mitdet import stage
+from mitdet.params import load_params
 from mitdet.paths import REPORT_MD
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    args = stage.parse_args(__doc__, argv)
+    params = load_params(args.params)
 
-    from mitdet.report import build_report
+    from mitdet.report import build_report  # matplotlib: imported once params.yaml is known good
     build_report(list(params.backbones), params.report)
     with open(REPORT_MD, encoding="utf-8") as f:
         print(f.read())
@@ -26,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage.run(main)

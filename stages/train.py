@@ -6,42 +6,33 @@ model.json, metrics/<b>/train.json and plots/<b>/{train_batches,train_epochs,val
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from mitdet.params import BACKBONE_NAMES, load_params_or_exit
+from mitdet import stage
+from mitdet.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", required=True, choices=BACKBONE_NAMES)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
-    if args.backbone not in params.backbones:
-        parser.error(f"{args.backbone} is not in params.yaml `backbones:` ({', '.join(params.backbones)})")
+    args = stage.parse_args(__doc__, argv, backbone=True)
+    params = load_params(args.params)
+    stage.check_backbone(args.backbone, params, args.params)
     train_params = params.train.for_backbone(args.backbone)
 
     from mitdet.engine import distributed
     if train_params.nproc_per_node > 1 and not distributed.under_torchrun():
         distributed.relaunch_under_torchrun(train_params.nproc_per_node)  # does not return
 
-    from mitdet.engine.logs import setup_logging
-    from mitdet.engine.monitor import NonFiniteLossError
     from mitdet.engine.train import Interrupted, train
-    setup_logging()
+    stage.setup_logging(progress_bar=True)
     try:
         train(args.backbone, train_params, params.model, params.seed)
-    except Interrupted as stop:
+    except Interrupted as stop:  # not an error: the run resumes from last.pt
         if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 only under torchrun
             print(stop, file=sys.stderr)  # "interrupted at step S: run `dvc repro` again to resume"
         return 128 + stop.signum if stop.signum else 1
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage.run(main)

@@ -147,9 +147,12 @@ def test_checksum_mismatch_names_file_and_sums_and_leaves_nothing(server, tmp_pa
     assert list(tmp_path.iterdir()) == []  # neither the final name nor a .part that would be resumed
 
 
-def test_http_error_is_clear(server, tmp_path):
-    with pytest.raises(DownloadError, match="HTTP 404"):
-        download_file(f"{server.url}/nothing.zip", tmp_path / "n.zip", retries=0, progress=False)
+def test_http_error_is_clear_and_not_retried(server, tmp_path):
+    url = f"{server.url}/nothing.zip"
+    with pytest.raises(DownloadError, match=rf"^{url}: HTTP 404 .*; check data\.coco2017\.base_url$") as err:
+        download_file(url, tmp_path / "n.zip", retries=3, backoff_s=0.01, progress=False)
+    assert isinstance(err.value, OSError) and err.value.where == url
+    assert len(server.requests) == 1  # a DownloadError is an OSError too, yet final: a 404 stays a 404
 
 
 def test_zip_entry_escaping_the_target_is_refused(tmp_path):

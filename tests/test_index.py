@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from mitdet.data.headers import probe
-from mitdet.data.index import IndexBuildError, build_index, load_split
+from mitdet.data.index import build_index, check_coco, load_split
 from mitdet.data.sources import prepare
+from mitdet.errors import DataError
 from mitdet.params import IndexParams, LocalParams, SplitPaths, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,20 +198,20 @@ def test_fingerprint_covers_images_in_subfolders(tmp_path):
 def test_malformed_json_and_missing_split_are_clear_errors(tmp_path):
     manifest = _dataset(tmp_path)
     (tmp_path / "val.json").write_text('{"images": [')
-    with pytest.raises(IndexBuildError, match=r"val\.json.*malformed annotation JSON"):
+    with pytest.raises(DataError, match=r"val\.json: not valid JSON"):
         build_index(manifest, IndexParams(), tmp_path / "index")
     (tmp_path / "val.json").write_text('{"images": [], "categories": []}')
-    with pytest.raises(IndexBuildError, match=r"val\.json.*`annotations`"):
+    with pytest.raises(DataError, match=r"val\.json: field `annotations` is missing"):
         build_index(manifest, IndexParams(), tmp_path / "index")
     (tmp_path / "val.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"val\.json"):
+    with pytest.raises(DataError, match=r"val\.json: COCO annotation file not found"):
         build_index(manifest, IndexParams(), tmp_path / "index")
     m = json.loads(manifest.read_text())
     del m["splits"]["val"]
     manifest.write_text(json.dumps(m))
-    with pytest.raises(IndexBuildError, match=r"manifest\.json.*split 'val' is missing"):
+    with pytest.raises(DataError, match=r"manifest\.json: split 'val' is missing"):
         build_index(manifest, IndexParams(), tmp_path / "index")
-    with pytest.raises(FileNotFoundError, match="build_index"):
+    with pytest.raises(DataError, match=r"val\.jsonl: no index yet.*`dvc repro build_index`"):
         load_split(tmp_path / "index", "val")
 
 
@@ -250,13 +251,15 @@ def test_local_source_on_real_coco_fixtures(tmp_path, name):
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
             for a in gt.dataset["annotations"] if not a["iscrowd"]]
     ev = COCOeval(gt, gt.loadRes(dets), "bbox")
-    ev.evaluate(); ev.accumulate(); ev.summarize()
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
 
 
 def test_local_source_requires_existing_paths(tmp_path):
     data = _local_data(tmp_path / "nope", tmp_path / "nope.json", tmp_path / "nope", tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match=r"data\.local\.train\.images"):
+    with pytest.raises(DataError, match=r"data\.local\.train\.images"):
         prepare(data, seed=0, root=tmp_path)
 
 
@@ -271,3 +274,19 @@ def test_default_local_paths_point_at_the_committed_example(tmp_path):
     prepare(data, seed=0, root=tmp_path)
     metrics = build_index("data/raw/manifest.json", params.index, tmp_path / "index", root=tmp_path)
     assert metrics["splits"]["train"]["images_kept"] == 4 and metrics["splits"]["val"]["images_kept"] == 2
+
+
+def test_coco_shape_check_names_the_entry():
+    ok = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "category_id": 2, "bbox": [0, 0, 1, 1]}],
+          "categories": [{"id": 2, "name": "cat"}]}
+    assert check_coco(ok, "gt.json", strict=True) is ok
+    with pytest.raises(DataError, match=r"^gt\.json: expected a COCO object .*got a JSON array; fix it$"):
+        check_coco([], "gt.json", fix="fix it")
+    with pytest.raises(DataError, match=r"gt\.json: categories\[0\] needs an integer `id`"):
+        check_coco({**ok, "categories": [{"id": "2", "name": "cat"}]}, "gt.json")
+    bad_box = {**ok, "annotations": [{"image_id": 1, "category_id": 2, "bbox": [0, 0, 1]}]}
+    check_coco(bad_box, "gt.json")  # build_index counts such entries itself
+    with pytest.raises(DataError, match=r"gt\.json: annotations\[0\] needs"):
+        check_coco(bad_box, "gt.json", strict=True)
+    with pytest.raises(DataError, match=r"gt\.json: images\[0\] needs an integer `id`"):
+        check_coco({**ok, "images": ["x.jpg"]}, "gt.json", strict=True)

@@ -1,8 +1,9 @@
-"""Atomic writes and strict JSON: every file a stage writes goes through here."""
+"""Atomic writes, strict JSON, file hashes and finite numbers: every file a stage writes goes through here."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -10,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from mitdet.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -48,9 +51,27 @@ def clean_json(value: Any) -> Any:
         return [clean_json(v) for v in value]
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         value = value.item()  # numpy / torch scalar
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        return finite_or_none(value)
     return value
+
+
+def finite_or_none(value: Any) -> float | None:
+    """`value` as a float when it is a finite number (numpy/torch scalars too, bool not), else None."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def file_hash(path: str | os.PathLike, algorithm: str = "sha256", h=None):
+    """Feed the bytes of `path` into `h` (a new `algorithm` hash when None) and return it: `.hexdigest()`."""
+    h = h if h is not None else hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h
 
 
 def dumps_json(value: Any, indent: int | None = 2) -> str:
@@ -73,11 +94,11 @@ def csv_text(header: list[str], rows) -> str:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Parse JSON, refusing NaN and Infinity, with an error naming the file."""
+    """Parse JSON, refusing NaN and Infinity; a malformed file is a DataError naming it (a missing one is not)."""
     def refuse(token):
-        raise ValueError(f"{path}: holds {token}, which is not JSON")
+        raise DataError(f"holds {token}, which is not JSON", where=str(path))
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f, parse_constant=refuse)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"not valid JSON ({err})", where=str(path)) from None

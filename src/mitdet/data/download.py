@@ -7,7 +7,6 @@ must exist, and the counts must be COCO's (118,287 train / 5,000 val) unless a s
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -22,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mitdet.io import read_json, write_json
+from mitdet.data.index import read_coco
+from mitdet.errors import DataError, DownloadError
+from mitdet.io import file_hash, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ KNOWN_FILES = {
 }
 COCO_COUNTS = {"train": 118287, "val": 5000}
 CHUNK = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    """A download that failed after every retry, or a file that failed verification."""
+RERUN = "run `dvc repro prepare_data` again"
 
 
 class ChecksumError(DownloadError):
@@ -74,13 +72,15 @@ def download_file(url: str, dest: str | Path, expected: Expected = Expected(), *
         try:
             _fetch_into(url, part, expected.size, timeout_s, progress)
             break
-        except ChecksumError:
+        except DownloadError:  # an OSError too, but final (HTTP 4xx): no retry
             raise
         except (urllib.error.URLError, http.client.HTTPException, OSError, _Incomplete) as err:
             attempt += 1
             if attempt > retries:
-                raise DownloadError(f"{url}: failed after {retries} retries ({err}); run again to resume from "
-                                    f"{part.stat().st_size if part.exists() else 0} bytes") from None
+                have = part.stat().st_size if part.exists() else 0
+                raise DownloadError(f"failed after {retries} retries ({_reason(err)})", where=url,
+                                    fix=f"check the network and data.coco2017.base_url, then {RERUN} to resume "
+                                        f"from {have} bytes") from None
             wait = min(backoff_s * 2 ** (attempt - 1), 60.0)
             log.warning("%s: %s; retry %d/%d in %.1f s (resuming)", url, err, attempt, retries, wait)
             time.sleep(wait)
@@ -93,6 +93,11 @@ def download_file(url: str, dest: str | Path, expected: Expected = Expected(), *
 
 class _Incomplete(Exception):
     """The server closed the connection before sending everything."""
+
+
+def _reason(err: Exception) -> str:
+    """The short cause of a transfer error (URLError wraps the socket's)."""
+    return str(getattr(err, "reason", None) or err)
 
 
 def _fetch_into(url: str, part: Path, size: int | None, timeout_s: float, progress: bool) -> None:
@@ -109,7 +114,7 @@ def _fetch_into(url: str, part: Path, size: int | None, timeout_s: float, progre
         if err.code == 416 and have:  # nothing left to send: the .part is complete (verified next)
             return
         if 400 <= err.code < 500:
-            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}; check data.coco2017.base_url") from None
+            raise DownloadError(f"HTTP {err.code} {err.reason}", where=url, fix="check data.coco2017.base_url") from None
         raise
     with resp:
         if have and resp.status != 206:  # the server ignored Range: start from zero
@@ -130,26 +135,18 @@ def _fetch_into(url: str, part: Path, size: int | None, timeout_s: float, progre
             raise _Incomplete(f"connection closed at {got} of {total} bytes")
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(part: Path, name: str, expected: Expected) -> None:
     size = part.stat().st_size
     if expected.size is not None and size != expected.size:
         part.unlink()
-        raise ChecksumError(f"{name}: size mismatch: expected {expected.size} bytes, got {size}; the partial file "
-                            f"was removed, run again to download it afresh")
+        raise ChecksumError(f"size mismatch: expected {expected.size} bytes, got {size}", where=name,
+                            fix=f"the partial file was removed; {RERUN} to download it afresh")
     if expected.md5 is not None:
-        actual = _md5(part)
+        actual = file_hash(part, "md5").hexdigest()
         if actual != expected.md5.lower():
             part.unlink()
-            raise ChecksumError(f"{name}: MD5 mismatch: expected {expected.md5}, actual {actual}; the download was "
-                                f"removed (a corrupt mirror or transfer), run again to retry")
+            raise ChecksumError(f"MD5 mismatch: expected {expected.md5}, actual {actual}", where=name,
+                                fix=f"the download was removed (a corrupt mirror or transfer); {RERUN} to retry")
     elif name.endswith(".zip"):  # no checksum known: at least every member's CRC must hold
         try:
             with zipfile.ZipFile(part) as zf:
@@ -158,7 +155,8 @@ def _verify(part: Path, name: str, expected: Expected) -> None:
             bad = str(err)
         if bad is not None:
             part.unlink()
-            raise ChecksumError(f"{name}: not a valid zip (first bad entry: {bad}); the download was removed")
+            raise ChecksumError(f"not a valid zip (first bad entry: {bad})", where=name,
+                                fix=f"the download was removed; {RERUN} to retry")
 
 
 def _stamp_path(dest: Path) -> Path:
@@ -199,10 +197,11 @@ def safe_extract(archive: str | Path, target: str | Path) -> int:
             dest = os.path.normpath(os.path.join(target, name))
             if (name.startswith(("/", "\\")) or ":" in name.split("/")[0]
                     or os.path.commonpath([target, dest]) != str(target)):
-                raise UnsafeArchiveError(f"{archive}: entry {name!r} would be written outside {target}; "
-                                         f"refusing to extract this archive")
+                raise UnsafeArchiveError(f"entry {name!r} would be written outside {target}", where=str(archive),
+                                         fix="refusing to extract this archive: use the official one")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; refusing to extract")
+                raise UnsafeArchiveError(f"entry {name!r} is a symbolic link", where=str(archive),
+                                         fix="refusing to extract this archive: use the official one")
         written = 0
         for info in infos:
             if info.is_dir():
@@ -225,8 +224,8 @@ def check_free_space(folder: Path, needed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise DownloadError(f"{folder}: {free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed for the download "
-                            f"and extraction; free space or set data.coco2017.download_dir elsewhere")
+        raise DownloadError(f"{free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed for the download and "
+                            f"extraction", where=str(folder), fix="free space or set data.coco2017.download_dir elsewhere")
 
 
 def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = None,
@@ -256,7 +255,8 @@ def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = 
         ann = root / "annotations" / f"instances_{split}2017.json"
         img_dir = root / f"{split}2017"
         if not ann.exists():
-            raise DownloadError(f"{ann}: missing after extracting {ann_key}; the archive is not COCO 2017's")
+            raise DownloadError(f"missing after extracting {ann_key}", where=str(ann),
+                                fix="the archive is not COCO 2017's: check data.coco2017.base_url")
         if cfg.subset:
             ann = _subset(ann, root / "subsets" / f"{cfg.subset_mode}-{cfg.subset}-seed{seed}", split, cfg.subset,
                           cfg.subset_mode, seed)
@@ -284,7 +284,7 @@ def _subset(ann: Path, out_dir: Path, split: str, n: int, mode: str, seed: int) 
     out = out_dir / f"instances_{split}2017.json"
     if out.exists():
         return out
-    coco = read_json(ann)
+    coco = read_coco(ann, strict=True, fix=f"delete it and {RERUN}")
     images = sorted(coco["images"], key=lambda im: im["id"])
     if mode == "random":
         pick = np.random.default_rng([seed, len(images)]).choice(len(images), size=min(n, len(images)), replace=False)
@@ -299,7 +299,7 @@ def _subset(ann: Path, out_dir: Path, split: str, n: int, mode: str, seed: int) 
 
 
 def _fetch_images(base: str, split: str, ann: Path, img_dir: Path, **kw) -> None:
-    names = [im["file_name"] for im in read_json(ann)["images"]]
+    names = _file_names(ann)
     todo = [n for n in names if not (img_dir / n).exists()]
     for name in tqdm(todo, desc=f"{split}2017 images", unit="img", disable=not kw.get("progress", True)):
         # each image goes through its own .part; the index later checks its header against the JSON
@@ -307,16 +307,25 @@ def _fetch_images(base: str, split: str, ann: Path, img_dir: Path, **kw) -> None
 
 
 def _check_images(ann: Path, img_dir: Path, expected: int | None) -> None:
-    coco = read_json(ann)
-    names = [im["file_name"] for im in coco.get("images", [])]
+    names = _file_names(ann)
     missing = [n for n in names if not (img_dir / n).is_file()]
     if missing:
-        raise DownloadError(f"{img_dir}: {len(missing)} of the {len(names)} images listed in {ann} are missing "
-                            f"(first: {missing[0]}); run prepare_data again to resume")
+        raise DownloadError(f"{len(missing)} of the {len(names)} images listed in {ann} are missing (first: "
+                            f"{missing[0]})", where=str(img_dir), fix=f"{RERUN} to resume")
     if expected is not None and len(names) != expected:
-        raise DownloadError(f"{ann}: lists {len(names)} images, COCO 2017 has {expected}; the download is "
-                            f"incomplete or not COCO 2017")
-    on_disk = sum(1 for e in os.scandir(img_dir) if e.name.endswith(".jpg"))
+        raise DownloadError(f"lists {len(names)} images, COCO 2017 has {expected}", where=str(ann),
+                            fix="the download is incomplete or not COCO 2017: check data.coco2017.base_url")
+    on_disk = sum(1 for e in os.scandir(img_dir) if e.name.endswith(".jpg")) if img_dir.is_dir() else 0
     if expected is not None and on_disk != expected:
-        raise DownloadError(f"{img_dir}: holds {on_disk} .jpg files, expected {expected}")
+        raise DownloadError(f"holds {on_disk} .jpg files, expected {expected}", where=str(img_dir),
+                            fix=f"delete the folder and {RERUN}")
     log.info("%s: %d images verified against %s", img_dir, len(names), ann.name)
+
+
+def _file_names(ann: Path) -> list[str]:
+    """The `file_name` of every image entry of a COCO JSON (a DataError naming the entry when one lacks it)."""
+    images = read_coco(ann, fix=f"delete it and {RERUN}")["images"]
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str) or not im["file_name"]:
+            raise DataError(f"images[{i}] has no `file_name`", where=str(ann), fix=f"delete it and {RERUN}")
+    return [im["file_name"] for im in images]

@@ -58,31 +58,36 @@ def _jpeg_size(fd: int, buf: bytes, size: int) -> tuple[int, int, str]:
             if pos + 4 > size:
                 return 0, 0, TRUNCATED
             buf, base = os.pread(fd, 512, pos), pos
-        i = pos - base
-        if buf[i] != 0xFF:
-            return 0, 0, BAD_HEADER
-        marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
-            return 0, 0, BAD_HEADER
-        if len(buf) < i + 4:
+        skip, found = _jpeg_segment(buf, pos - base)
+        if found is not None:
+            return found
+        pos += skip
+        if pos >= size:  # (a fill byte or standalone marker at the very end lands here too: truncated)
             return 0, 0, TRUNCATED
-        length = (buf[i + 2] << 8) | buf[i + 3]
-        if length < 2:
-            return 0, 0, BAD_HEADER
-        if marker in _SOF:
-            if len(buf) < i + 9:
-                return 0, 0, TRUNCATED
-            h, w = struct.unpack(">HH", buf[i + 5:i + 9])
-            return (w, h, "") if w > 0 and h > 0 else (0, 0, BAD_HEADER)
-        pos += 2 + length
-        if pos >= size:
-            return 0, 0, TRUNCATED
+
+
+def _jpeg_segment(buf: bytes, i: int) -> tuple[int, tuple[int, int, str] | None]:
+    """The segment at buf[i]: (bytes to skip, None) before the frame header, or (0, the probe's answer)."""
+    if buf[i] != 0xFF:
+        return 0, (0, 0, BAD_HEADER)
+    marker = buf[i + 1]
+    if marker == 0xFF:  # fill byte before a marker
+        return 1, None
+    if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # standalone markers: no length
+        return 2, None
+    if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+        return 0, (0, 0, BAD_HEADER)
+    if len(buf) < i + 4:
+        return 0, (0, 0, TRUNCATED)
+    length = (buf[i + 2] << 8) | buf[i + 3]
+    if length < 2:
+        return 0, (0, 0, BAD_HEADER)
+    if marker not in _SOF:
+        return 2 + length, None
+    if len(buf) < i + 9:
+        return 0, (0, 0, TRUNCATED)
+    h, w = struct.unpack(">HH", buf[i + 5:i + 9])
+    return 0, ((w, h, "") if w > 0 and h > 0 else (0, 0, BAD_HEADER))
 
 
 def _png_size(head: bytes) -> tuple[int, int, str]:

@@ -4,7 +4,7 @@ Outputs (under `out_dir`): `<split>.jsonl` (one kept image a line), `categories.
 (the evaluation ground truth: kept images and annotations, crowd regions included), `rejected.csv` (one row per
 dropped image or box) and `source.json` (the raw manifest's source and per-split fingerprint, so that the index
 changes whenever the raw data does). Bad files and boxes are counted and skipped; a malformed annotation JSON is
-an error. Nothing under `out_dir` holds timings: an unchanged dataset indexed again gives byte-identical files.
+a DataError naming the file and the entry (`read_coco`/`check_coco`: the one COCO shape check, also the scorer's). Nothing under `out_dir` holds timings: an unchanged dataset indexed again gives byte-identical files.
 
 rejected.csv: an image-level row (one per rejected image entry) has an empty `ann_id`; every annotation-level row
 has a non-empty one (the annotation's id, or `#<position in the JSON list>` when it has no integer id). Boxes on a
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from mitdet.data.headers import probe, probe_many
-from mitdet.io import atomic_path, read_json, write_json, write_text
+from mitdet.errors import DataError
+from mitdet.io import atomic_path, finite_or_none, read_json, write_json, write_text
 from mitdet.params import IndexParams
 
 try:  # 5-10x faster JSON for COCO-sized files; strict (refuses NaN) like mitdet.io.read_json
@@ -37,6 +38,9 @@ except ImportError:  # pragma: no cover - the plain library gives the same resul
 SPLITS = ("train", "val")
 REJECTED_COLUMNS = ["split", "file", "image_id", "ann_id", "reason"]
 INLINE_BELOW = 2000  # fewer images than this are probed in-process: a pool costs more than it saves
+COCO_LISTS = ("images", "annotations", "categories")
+REBUILD = "run `dvc repro build_index`"
+REPREPARE = "run `dvc repro prepare_data`"
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,6 @@ class SplitIndex:
     categories: list[Category]
 
 
-class IndexBuildError(ValueError):
-    """An annotation file or manifest that cannot be indexed at all (names the file and the field)."""
-
-
 # ------------------------------------------------------------------------------------------------- loading
 def load_split(index_dir: str | Path, split: str, root: str | Path | None = None) -> SplitIndex:
     """Read `<index_dir>/<split>.jsonl` and `categories.json` (written by build_index).
@@ -78,10 +78,17 @@ def load_split(index_dir: str | Path, split: str, root: str | Path | None = None
     """
     index_dir = Path(index_dir)
     path = index_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no index for split '{split}'; run the build_index stage "
-                                f"(`dvc repro build_index`) first")
-    categories = [Category(int(c["id"]), str(c["name"]), int(c["label"])) for c in read_json(index_dir / "categories.json")]
+    for needed in (path, index_dir / "categories.json"):
+        if not needed.is_file():
+            raise DataError(f"no index yet (split '{split}')", where=str(needed), fix=REBUILD)
+    try:
+        categories = [Category(int(c["id"]), str(c["name"]), int(c["label"]))
+                      for c in read_json(index_dir / "categories.json")]
+    except DataError:
+        raise
+    except (TypeError, KeyError, ValueError) as err:
+        raise DataError(f"not an index categories file ({err!r})", where=str(index_dir / "categories.json"),
+                        fix=REBUILD) from None
     images = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -90,8 +97,8 @@ def load_split(index_dir: str | Path, split: str, root: str | Path | None = None
             try:
                 r = json.loads(line)
                 boxes = np.asarray(r["boxes"], np.float32).reshape(-1, 4)
-            except (ValueError, KeyError) as err:
-                raise IndexBuildError(f"{path}:{n}: not an index line ({err}); rebuild the index") from None
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"not an index line ({err!r})", where=f"{path}:{n}", fix=REBUILD) from None
             boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
             file = r["file"] if root is None or os.path.isabs(r["file"]) else os.path.join(root, r["file"])
             images.append(ImageRecord(
@@ -107,15 +114,9 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
     """Index every split the manifest names; write the outputs atomically and return the metrics."""
     t_start = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
-    manifest = read_json(root / manifest_path)
-    splits = manifest.get("splits") if isinstance(manifest, dict) else None
-    if not isinstance(splits, dict):
-        raise IndexBuildError(f"{manifest_path}: no `splits` mapping; run prepare_data again")
-    for split in SPLITS:
-        if split not in splits or not isinstance(splits[split], dict) or not {"images", "annotations"} <= set(splits[split]):
-            raise IndexBuildError(f"{manifest_path}: split '{split}' is missing (it needs `images` and `annotations`); "
-                              f"run prepare_data again or fix data.local.{split}")
-    cocos = {s: _load_coco(root / splits[s]["annotations"]) for s in SPLITS}
+    manifest, splits = _read_manifest(root, manifest_path)
+    cocos = {s: read_coco(root / splits[s]["annotations"],
+                          fix=f"fix the file (data.local.{s}.annotations) or {REPREPARE} again") for s in SPLITS}
     categories = _categories(cocos, {s: splits[s]["annotations"] for s in SPLITS})
     label_of = {c.id: c.label for c in categories}
 
@@ -157,46 +158,98 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
     return metrics
 
 
-def _load_coco(path: Path) -> dict:
+def _read_manifest(root: Path, manifest_path) -> tuple[dict, dict]:
+    """The raw manifest and its `splits`, each naming `images` and `annotations`; else a DataError."""
+    if not (root / manifest_path).is_file():
+        raise DataError("not found: the data is not prepared yet", where=str(manifest_path), fix=f"{REPREPARE} first")
+    manifest = read_json(root / manifest_path)
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict):
+        raise DataError("no `splits` mapping", where=str(manifest_path), fix=f"{REPREPARE} again")
+    for split in SPLITS:
+        if not isinstance(splits.get(split), dict) or not {"images", "annotations"} <= set(splits[split]):
+            raise DataError(f"split '{split}' is missing (it needs `images` and `annotations`)",
+                            where=str(manifest_path), fix=f"{REPREPARE} again or fix data.local.{split}")
+    return manifest, splits
+
+
+# ----------------------------------------------------------------------------------------- COCO JSON shape
+def read_coco(path: str | Path, *, strict: bool = False, fix: str = "fix or re-download the file") -> dict:
+    """Read a COCO instances JSON and check its shape (`check_coco`); every failure is a DataError naming it."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found; run prepare_data or fix the path in params.yaml")
-    try:
-        coco = _read_json_fast(path)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise IndexBuildError(f"{path}: malformed annotation JSON ({err}); fix or re-download the file") from None
+        raise DataError("COCO annotation file not found", where=str(path), fix=fix)
+    return check_coco(_read_json_fast(path), str(path), strict=strict, fix=fix)
+
+
+def check_coco(coco, where: str, *, strict: bool = False, fix: str | None = None) -> dict:
+    """`coco` itself when it has the COCO shape, else a DataError naming `where` and the entry at fault.
+
+    Categories always need an integer `id` and a string `name`. With `strict` (the scorer's ground truth), images
+    need an integer `id` and annotations integer `image_id`/`category_id` and a 4-number `bbox`; without it,
+    build_index counts and skips such entries itself.
+    """
     if not isinstance(coco, dict):
-        raise IndexBuildError(f"{path}: expected a COCO object with `images`, `annotations`, `categories`; got {type(coco).__name__}")
-    for key in ("images", "annotations", "categories"):
+        raise DataError(f"expected a COCO object with `images`, `annotations`, `categories`; got a JSON "
+                        f"{_json_type(coco)}", where=where, fix=fix)
+    for key in COCO_LISTS:
         if not isinstance(coco.get(key), list):
-            raise IndexBuildError(f"{path}: field `{key}` is missing or not a list; this is not a COCO instances file")
+            raise DataError(f"field `{key}` is missing or not a list; this is not a COCO instances file",
+                            where=where, fix=fix)
+    for i, c in enumerate(coco["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise DataError(f"categories[{i}] needs an integer `id` and a string `name`; got {_short(c)}",
+                            where=where, fix=fix)
+    if strict:
+        for i, im in enumerate(coco["images"]):
+            if not isinstance(im, dict) or not _is_int(im.get("id")):
+                raise DataError(f"images[{i}] needs an integer `id`; got {_short(im)}", where=where, fix=fix)
+        for i, a in enumerate(coco["annotations"]):
+            if not _is_box_entry(a):
+                raise DataError(f"annotations[{i}] needs integer `image_id` and `category_id` and a `bbox` of 4 "
+                                f"numbers; got {_short(a)}", where=where, fix=fix)
     return coco
 
 
-def _categories(cocos: dict[str, dict], paths: dict[str, str]) -> list[Category]:
-    """The union of the splits' categories, sorted by id, labelled 1..K; a conflicting name is an error."""
-    names: dict[int, str] = {}
-    where: dict[int, str] = {}
-    for split, coco in cocos.items():
-        for i, c in enumerate(coco["categories"]):
-            if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
-                raise IndexBuildError(f"{paths[split]}: categories[{i}] needs an integer `id` and a string `name`; got {c!r}")
-            cid = int(c["id"])
-            if cid in names and names[cid] != c["name"]:
-                raise IndexBuildError(f"category id {cid} is '{names[cid]}' in {where[cid]} but '{c['name']}' in "
-                                  f"{paths[split]}; the splits must share one category list")
-            names[cid], where[cid] = c["name"], paths[split]
-    if not names:
-        raise IndexBuildError(f"{paths['train']}: no categories; a detection dataset needs at least one")
-    return [Category(cid, names[cid], label) for label, cid in enumerate(sorted(names), start=1)]
+def _is_box_entry(a) -> bool:
+    return (isinstance(a, dict) and _is_int(a.get("image_id")) and _is_int(a.get("category_id"))
+            and type(a.get("bbox")) is list and len(a["bbox"]) == 4 and all(type(v) in _NUMBER for v in a["bbox"]))
+
+
+def _json_type(v) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def _short(v, limit: int = 80) -> str:
+    """repr of an entry, cut: an error must stay one readable line."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _read_json_fast(path: Path):
+    """orjson when installed (5-10x faster on COCO-sized files); malformed JSON is a DataError naming the file."""
     if orjson is None:
         return read_json(path)
     try:
         return orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise DataError(f"not valid JSON ({err})", where=str(path)) from None
+
+
+def _categories(cocos: dict[str, dict], paths: dict[str, str]) -> list[Category]:
+    """The union of the splits' categories (shape checked by check_coco), sorted by id, labelled 1..K."""
+    names: dict[int, str] = {}
+    where: dict[int, str] = {}
+    for split, coco in cocos.items():
+        for c in coco["categories"]:
+            cid = int(c["id"])
+            if cid in names and names[cid] != c["name"]:
+                raise DataError(f"category id {cid} is '{names[cid]}' in {where[cid]} but '{c['name']}' here",
+                                where=paths[split], fix="the splits must share one category list")
+            names[cid], where[cid] = c["name"], paths[split]
+    if not names:
+        raise DataError("no categories", where=paths["train"], fix="a detection dataset needs at least one")
+    return [Category(cid, names[cid], label) for label, cid in enumerate(sorted(names), start=1)]
 
 
 def _dumps(value) -> str:
@@ -213,61 +266,84 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+class _Rejects:
+    """The rows of rejected.csv one split adds, and its counts by reason (images and annotations apart)."""
+
+    def __init__(self, split: str, rows: list[list]):
+        self.split, self.rows = split, rows
+        self.images, self.annotations = Counter(), Counter()
+
+    def image(self, file, image_id, reason) -> None:
+        self.images[reason] += 1
+        self.rows.append([self.split, file, image_id, "", reason])  # empty ann_id: an image-level row
+
+    def annotation(self, file, image_id, ann_id, reason) -> None:
+        self.annotations[reason] += 1
+        self.rows.append([self.split, file, image_id, ann_id, reason])
 
 
 def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root):
+    """One split: (index lines, evaluation ground truth, counts); rejected rows are appended to `rejected`."""
     counts = {"images": len(coco["images"]), "images_kept": 0, "annotations": len(coco["annotations"]),
               "annotations_kept": 0, "crowd_kept": 0, "boxes_clipped": 0}
-    img_reasons, ann_reasons = Counter(), Counter()
-
-    def reject_image(file, image_id, reason):
-        img_reasons[reason] += 1
-        rejected.append([split, file, image_id, "", reason])  # empty ann_id: an image-level row
-
-    def reject_annotation(file, image_id, ann_id, reason):
-        ann_reasons[reason] += 1
-        rejected.append([split, file, image_id, ann_id, reason])
-
-    # 1. image entries: well-formed, unique ids, a plain relative file name
-    entries, rejected_image_ids = {}, set()
-    for im in coco["images"]:
-        ok = (type(im) is dict and type(im.get("id")) is int and type(im.get("file_name")) is str and im["file_name"]
-              and type(im.get("width")) is int and type(im.get("height")) is int and im["width"] > 0 and im["height"] > 0)
-        if not ok:
-            reject_image(im.get("file_name", "") if isinstance(im, dict) else "", im.get("id", "") if isinstance(im, dict) else "",
-                         "malformed_image_entry")
-            if isinstance(im, dict) and _is_int(im.get("id")):
-                rejected_image_ids.add(im["id"])
-            continue
-        name = im["file_name"]
-        if name[0] in "/\\" or (".." in name and ".." in Path(name).parts):
-            reject_image(name, im["id"], "malformed_image_entry")
-            rejected_image_ids.add(im["id"])
-            continue
-        if im["id"] in entries:  # the first entry keeps the id (and its boxes)
-            reject_image(name, im["id"], "duplicate_image_id")
-            continue
-        entries[im["id"]] = (im, os.path.join(images_dir, name), [])
-
-    # 2. headers, in parallel (started now, collected after the annotations: the two overlap)
+    rejects = _Rejects(split, rejected)
+    entries, rejected_image_ids = _image_entries(coco["images"], images_dir, rejects)
+    # headers, in parallel: started now, collected after the annotations, so the two overlap
     files = [e[1] for e in entries.values()]
     probe_paths = files if str(root) in ("", ".") else [os.path.join(root, f) for f in files]
     pending = _probe_start(probe_paths, pool, params.workers)
+    _attach_annotations(coco["annotations"], entries, rejected_image_ids, label_of, params.min_box_size, rejects)
+    lines, gt_images, gt_anns = _kept_images(entries, _probe_finish(pending), label_of, counts, rejects)
+    counts["images_rejected"] = dict(sorted(rejects.images.items()))
+    counts["annotations_rejected"] = dict(sorted(rejects.annotations.items()))
+    gt = {"info": coco.get("info", {}) if isinstance(coco.get("info"), dict) else {},
+          "licenses": coco.get("licenses", []) if isinstance(coco.get("licenses"), list) else [],
+          "images": gt_images, "annotations": gt_anns}
+    return lines, gt, counts
 
-    # 3. annotations: well-formed, known image and category, box clipped to the JSON size and large enough
+
+def _image_ok(im) -> bool:
+    return (type(im) is dict and type(im.get("id")) is int and type(im.get("file_name")) is str and im["file_name"]
+            and type(im.get("width")) is int and type(im.get("height")) is int and im["width"] > 0 and im["height"] > 0)
+
+
+def _image_entries(images: list, images_dir: str, rejects: _Rejects) -> tuple[dict, set]:
+    """{id: (entry, file, [])} of the well-formed image entries with unique ids and plain relative file names,
+    and the ids of the rejected ones (their boxes are then `image_rejected`, not `unknown_image`)."""
+    entries, rejected_image_ids = {}, set()
+    for im in images:
+        if not _image_ok(im):
+            d = im if isinstance(im, dict) else {}
+            rejects.image(d.get("file_name", ""), d.get("id", ""), "malformed_image_entry")
+            if _is_int(d.get("id")):
+                rejected_image_ids.add(d["id"])
+            continue
+        name = im["file_name"]
+        if name[0] in "/\\" or (".." in name and ".." in Path(name).parts):
+            rejects.image(name, im["id"], "malformed_image_entry")
+            rejected_image_ids.add(im["id"])
+            continue
+        if im["id"] in entries:  # the first entry keeps the id (and its boxes)
+            rejects.image(name, im["id"], "duplicate_image_id")
+            continue
+        entries[im["id"]] = (im, os.path.join(images_dir, name), [])
+    return entries, rejected_image_ids
+
+
+def _annotation_ok(a) -> bool:
+    return (type(a) is dict and type(a.get("id")) is int and type(a.get("image_id")) is int
+            and type(a.get("category_id")) is int and type(a.get("bbox")) is list and len(a["bbox"]) == 4
+            and all(type(v) in _NUMBER for v in a["bbox"]) and math.isfinite(sum(a["bbox"]))
+            and a.get("iscrowd", 0) in (0, 1) and type(a.get("iscrowd", 0)) is not float)
+
+
+def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_size, rejects: _Rejects) -> None:
+    """Append each valid box (entry, clipped xywh, was clipped) to its image's list in `entries`; reject the rest."""
     ann_seen = set()
-    min_size = params.min_box_size
-    for pos, a in enumerate(coco["annotations"]):
-        ok = (type(a) is dict and type(a.get("id")) is int and type(a.get("image_id")) is int
-              and type(a.get("category_id")) is int and type(a.get("bbox")) is list and len(a["bbox"]) == 4
-              and all(type(v) in _NUMBER for v in a["bbox"]) and math.isfinite(sum(a["bbox"]))
-              and a.get("iscrowd", 0) in (0, 1) and type(a.get("iscrowd", 0)) is not float)
+    for pos, a in enumerate(annotations):
+        ok = _annotation_ok(a)
         image_id = a.get("image_id", "") if isinstance(a, dict) else ""
         target = entries.get(image_id) if ok else None
-        file = target[1] if target else ""
-        reason = ""
         if not ok:
             reason = "malformed_annotation"
         elif a["id"] in ann_seen:
@@ -278,37 +354,45 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
         elif a["category_id"] not in label_of:
             reason = "unknown_category"
         else:
-            im = target[0]
-            x, y, w, h = a["bbox"]
-            x1, y1 = max(0.0, float(x)), max(0.0, float(y))
-            x2, y2 = min(float(im["width"]), float(x + w)), min(float(im["height"]), float(y + h))
-            if w <= 0 or h <= 0:
-                reason = "degenerate_box"
-            elif x2 <= x1 or y2 <= y1:
-                reason = "box_outside_image"
-            elif x2 - x1 < min_size or y2 - y1 < min_size:
-                reason = "box_too_small"
+            reason, box, clipped = _clip_box(a["bbox"], target[0], min_size)
         if reason:
             ann_id = a["id"] if isinstance(a, dict) and _is_int(a.get("id")) else f"#{pos}"
-            reject_annotation(file, image_id, ann_id, reason)
+            rejects.annotation(target[1] if target else "", image_id, ann_id, reason)
             continue
         ann_seen.add(a["id"])
-        clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
-        target[2].append((a, [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)], clipped))
+        target[2].append((a, box, clipped))
 
-    # 4. header results: an image whose file is bad, or whose size differs from the JSON, is dropped (with its boxes)
+
+def _clip_box(bbox, im: dict, min_size: float) -> tuple[str, list | None, bool]:
+    """("", the box clipped to the image as rounded xywh, whether it was clipped) or (why it is dropped, None, False)."""
+    x, y, w, h = bbox
+    x1, y1 = max(0.0, float(x)), max(0.0, float(y))
+    x2, y2 = min(float(im["width"]), float(x + w)), min(float(im["height"]), float(y + h))
+    if w <= 0 or h <= 0:
+        return "degenerate_box", None, False
+    if x2 <= x1 or y2 <= y1:
+        return "box_outside_image", None, False
+    if x2 - x1 < min_size or y2 - y1 < min_size:
+        return "box_too_small", None, False
+    clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
+    return "", [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)], clipped
+
+
+def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, rejects: _Rejects):
+    """(index lines, GT images, GT annotations) of the images whose header matches their JSON size; an image
+    whose file is bad or of another size is dropped with its boxes."""
     lines, gt_images, gt_anns = [], [], []
-    for (image_id, (im, file, anns)), (w, h, reason) in zip(entries.items(), _probe_finish(pending)):
+    for (image_id, (im, file, anns)), (w, h, reason) in zip(entries.items(), probed, strict=True):
         if not reason and (w, h) != (im["width"], im["height"]):
             reason = "size_mismatch"
         if reason:
-            reject_image(file, image_id, reason)
+            rejects.image(file, image_id, reason)
             for a, _, _ in anns:  # dropped with their image
-                reject_annotation(file, image_id, a["id"], "image_rejected")
+                rejects.annotation(file, image_id, a["id"], "image_rejected")
             continue
+        crowd = [int(a.get("iscrowd", 0)) for a, _, _ in anns]
         counts["images_kept"] += 1
         counts["annotations_kept"] += len(anns)
-        crowd = [int(a.get("iscrowd", 0)) for a, _, _ in anns]
         counts["crowd_kept"] += sum(crowd)
         counts["boxes_clipped"] += sum(c for _, _, c in anns)
         lines.append(_dumps({
@@ -317,16 +401,11 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
             "labels": [label_of[a["category_id"]] for a, _, _ in anns], "iscrowd": crowd,
             "ann_ids": [a["id"] for a, _, _ in anns]}))
         gt_images.append(im)
-        for (a, b, _), c in zip(anns, crowd):
-            area = a.get("area")
+        for (a, b, _), c in zip(anns, crowd, strict=True):
+            area = finite_or_none(a.get("area"))
             gt_anns.append({"id": a["id"], "image_id": image_id, "category_id": a["category_id"], "bbox": b,
-                            "area": float(area) if _is_num(area) and area > 0 else b[2] * b[3], "iscrowd": c})
-    counts["images_rejected"] = dict(sorted(img_reasons.items()))
-    counts["annotations_rejected"] = dict(sorted(ann_reasons.items()))
-    gt = {"info": coco.get("info", {}) if isinstance(coco.get("info"), dict) else {},
-          "licenses": coco.get("licenses", []) if isinstance(coco.get("licenses"), list) else [],
-          "images": gt_images, "annotations": gt_anns}
-    return lines, gt, counts
+                            "area": area if area is not None and area > 0 else b[2] * b[3], "iscrowd": c})
+    return lines, gt_images, gt_anns
 
 
 def _probe_start(paths: list[str], pool, workers: int):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from mitdet.data.download import prepare_coco2017
 from mitdet.data.synthetic import generate
-from mitdet.io import write_json
+from mitdet.errors import DataError, ParamsError
+from mitdet.io import file_hash, write_json
 from mitdet.params import DataParams
 from mitdet.paths import RAW_DIR, RAW_MANIFEST
 
@@ -46,7 +47,7 @@ def prepare(data: DataParams, seed: int, root: str | Path = ".") -> dict:
             _require(root / paths.annotations, f"data.local.{split}.annotations", is_dir=False)
             splits[split] = {"images": paths.images, "annotations": paths.annotations}
     else:  # params.py already restricts the choice; kept for callers that build DataParams by hand
-        raise ValueError(f"data.source = {data.source!r}: choose synthetic, coco2017 or local")
+        raise ParamsError(f"{data.source!r} is not a source", where="data.source", fix="choose synthetic, coco2017 or local")
     manifest = {"source": data.source, "splits": splits,
                 "fingerprint": {s: fingerprint(root / d["images"], root / d["annotations"]) for s, d in splits.items()}}
     write_json(root / RAW_MANIFEST, manifest)
@@ -62,10 +63,10 @@ def fingerprint(images_dir: Path, annotations: Path) -> dict:
     for name, size, mtime in entries:
         h.update(f"{name}\0{size}\0".encode())
         if total <= FULL_HASH_LIMIT:
-            h.update(_sha256(images_dir / name).encode())
+            h.update(file_hash(images_dir / name).hexdigest().encode())
         else:
             h.update(str(mtime).encode())
-    return {"annotations_sha256": _sha256(annotations), "images": len(entries), "images_bytes": total,
+    return {"annotations_sha256": file_hash(annotations).hexdigest(), "images": len(entries), "images_bytes": total,
             "images_sha256": h.hexdigest(), "images_hashed_by": "content" if total <= FULL_HASH_LIMIT else "name+size+mtime"}
 
 
@@ -82,20 +83,12 @@ def _walk_files(folder: Path) -> list[tuple[str, int, int]]:
     return sorted(entries)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _require(path: Path, key: str, is_dir: bool) -> None:
     ok = path.is_dir() if is_dir else path.is_file()
     if not ok:
         kind = "an images folder" if is_dir else "a COCO annotation JSON file"
-        raise FileNotFoundError(f"{key} = {path}: not found or not {kind}; set it in params.yaml "
-                                f"(relative to the project root, or absolute)")
+        raise DataError(f"not found or not {kind}", where=f"{key} = {path}",
+                        fix="set it in params.yaml (relative to the project root, or absolute)")
 
 
 def _relative(path: str, root: Path) -> str:

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mitdet.io import read_json
+from mitdet.data.index import check_coco, read_coco
+from mitdet.io import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,12 @@ def _backend(scorer: str):
 
 
 def load_ground_truth(gt_json: str | Path | dict) -> dict:
-    """The COCO ground truth as a dict (a private copy), checked for the keys COCOeval needs."""
-    where = "ground truth dict" if isinstance(gt_json, dict) else str(gt_json)
-    gt = copy.deepcopy(gt_json) if isinstance(gt_json, dict) else read_json(gt_json)
-    if not isinstance(gt, dict):
-        raise ValueError(f"{where}: COCO ground truth must be a JSON object with images, annotations, categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(gt.get(key), list):
-            raise ValueError(f"{where}: field `{key}` is missing or not a list; rebuild it with the build_index stage")
+    """The COCO ground truth as a dict (a private copy), checked for what COCOeval reads (a DataError if not)."""
+    fix = "run `dvc repro build_index`"
+    if isinstance(gt_json, dict):
+        gt = check_coco(copy.deepcopy(gt_json), "ground truth dict", strict=True, fix=fix)
+    else:
+        gt = read_coco(gt_json, strict=True, fix=fix)
     for ann in gt["annotations"]:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann and "bbox" in ann:
@@ -150,10 +148,6 @@ def score(gt_json, results: list[dict], scorer: str = "pycocotools",
     return _scores_from_eval(ev, gt, dets, keep, scorer)
 
 
-def _nan_to_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
 def _mean_valid(a: np.ndarray) -> float | None:
     """Mean of the entries > -1 (COCOeval's 'no ground truth' marker), None when there is none."""
     v = a[a > -1]
@@ -162,7 +156,7 @@ def _mean_valid(a: np.ndarray) -> float | None:
 
 def _scores_from_eval(ev, gt: dict, dets: list[dict], keep: set[int], scorer: str) -> Scores:
     stats = [float(s) for s in ev.stats[:len(SUMMARY_KEYS)]]
-    summary = {k: (None if s < 0 else _nan_to_none(s)) for k, s in zip(SUMMARY_KEYS, stats)}
+    summary = {k: (None if s < 0 else finite_or_none(s)) for k, s in zip(SUMMARY_KEYS, stats, strict=True)}
 
     p = ev.params
     precision = np.asarray(ev.eval["precision"])  # [T iou, R recall points, K classes, A areas, M maxDets]
@@ -211,7 +205,7 @@ def _scores_from_eval(ev, gt: dict, dets: list[dict], keep: set[int], scorer: st
             curve = precision[t, :, with_gt, a_all, m100]  # [classes with GT, R] (fancy index moves K first)
             curve = np.where(curve > -1, curve, 0.0).mean(axis=0)
             pr_rows += [{"iou": thr, "recall": round(float(r), 2), "precision": float(v)}
-                        for r, v in zip(p.recThrs, curve)]
+                        for r, v in zip(p.recThrs, curve, strict=True)]
     return Scores(summary=summary, per_class=per_class, aggregates=aggregates, pr_curves=pr_rows,
                   num_images=len(keep), num_detections=len(dets), scorer=scorer)
 
