@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mitdet.engine.evaluate import (EVAL_KEYS, backbone_autocast, draw_sample, images_left_out_by_index,
-                                    measure_speed, predict, to_coco_results)
+from mitdet.drawing import draw_sample
+from mitdet.engine.device import backbone_autocast
+from mitdet.engine.evaluate import EVAL_KEYS, images_left_out_by_index
+from mitdet.engine.inference import measure_speed, predict, to_coco_results
 from mitdet.engine.scoring import score
 
 LABEL_TO_CATEGORY = {1: 3, 2: 7}  # contiguous labels -> original COCO ids

@@ -15,10 +15,10 @@ REPORT_PLOTS = "plots/report"
 
 # The code that trains, relative to src/mitdet: the train stages' code deps in dvc.yaml AND what the checkpoint
 # fingerprint hashes, from this one list, so an edit that reruns training also refuses to resume across it.
-TRAIN_CODE = ("engine/train.py", "engine/optim.py", "engine/checkpoint.py", "engine/logs.py", "engine/monitor.py",
-              "engine/distributed.py", "engine/evaluate.py", "engine/scoring.py", "models",
-              "data/index.py", "data/dataset.py", "data/transforms.py", "data/sampler.py",
-              "params.py", "io.py", "paths.py")
+TRAIN_CODE = ("engine/train.py", "engine/state.py", "engine/stopping.py", "engine/optim.py", "engine/checkpoint.py",
+              "engine/logs.py", "engine/monitor.py", "engine/distributed.py", "engine/device.py",
+              "engine/inference.py", "engine/scoring.py", "models", "data/index.py", "data/dataset.py",
+              "data/transforms.py", "data/sampler.py", "params.py", "io.py", "paths.py", "errors.py")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections import OrderedDict
 
 import torch
@@ -16,7 +15,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mitdet.models.mit import build_mit
-from mitdet.models.weights import load_pretrained
+from mitdet.models.pretrained import load_pretrained
 from mitdet.params import ModelParams
 
 # MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.

@@ -1,24 +1,27 @@
-"""Checkpoint import (original SegFormer `mit_b*.pth`, Hugging Face `nvidia/mit-b*`) and the inference model files.
+"""Encoder checkpoint import: original SegFormer `mit_b*.pth` and Hugging Face `nvidia/mit-b*`, file or URL.
 
 Nothing here unpickles code: `.pth`/`.bin` files go through `torch.load(weights_only=True)`, the rest is
 safetensors. A checkpoint that does not fit the encoder exactly is refused with every missing, unexpected and
-mis-shaped key listed, never loaded in part.
+mis-shaped key listed, never loaded in part. A URL is downloaded once into the cache, and only a complete
+transfer becomes the cached file.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import http.client
 import os
 import re
-import shutil
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mitdet.io import atomic_path, read_json, write_json
+from mitdet.errors import CheckpointError, DownloadError
+from mitdet.io import atomic_path
+from mitdet.models.mit import MIT_CONFIGS
 
 # Keys of classification / segmentation heads that an encoder import drops on purpose.
 HEAD_PREFIXES = ("head.", "classifier.", "decode_head.")
@@ -60,7 +63,7 @@ _HF_RULES = [
 _HF_RULES = [(re.compile("^" + pattern), repl) for pattern, repl in _HF_RULES]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError, ValueError):
     """A checkpoint whose keys or shapes do not match the model; lists every difference."""
 
     def __init__(self, source: str, target: str, missing: list[str], unexpected: list[str],
@@ -79,6 +82,14 @@ class CheckpointMismatchError(ValueError):
         if not variant:
             parts.append("Check that the checkpoint is the same MiT variant as the backbone (mit_b0..mit_b5).")
         super().__init__("\n  ".join(parts))
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A weights file (or model folder) that is not there."""
+
+
+class UnreadableCheckpointError(CheckpointError, ValueError):
+    """A weights file that is truncated, not safetensors / weights-only torch, or not a dict of tensors."""
 
 
 def _listing(items: list[str], limit: int = 60) -> str:
@@ -101,46 +112,69 @@ def fetch(path_or_url: str, cache: str | os.PathLike | None = None, timeout_s: f
         if path.is_dir():  # a Hugging Face model folder (save_pretrained / a Hub snapshot)
             found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
             if not found:
-                raise FileNotFoundError(f"{path} is a folder without model.safetensors or pytorch_model.bin; "
-                                        "point model.pretrained at the weights file")
+                raise CheckpointNotFoundError("a folder without model.safetensors or pytorch_model.bin",
+                                              where=str(path), fix="point model.pretrained at the weights file")
             return found[0]
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights not found: {path} (set model.pretrained to a file or URL)")
+            raise CheckpointNotFoundError("pretrained weights not found", where=str(path),
+                                          fix="set model.pretrained to a file or URL")
         return path
     name = Path(urllib.parse.urlparse(path_or_url).path).name or "weights"
     digest = hashlib.sha256(path_or_url.encode()).hexdigest()[:12]
     target = Path(cache or cache_dir()) / f"{digest}-{name}"
-    if target.is_file():
-        return target
-    try:
-        with urllib.request.urlopen(path_or_url, timeout=timeout_s) as response, atomic_path(target) as tmp:
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(response, out, length=1 << 20)
-    except OSError as err:  # URLError, HTTPError, timeouts
-        raise OSError(f"could not download pretrained weights from {path_or_url}: {err}") from err
+    if not target.is_file():
+        _download(path_or_url, target, timeout_s)
     return target
+
+
+def _download(url: str, target: Path, timeout_s: float) -> None:
+    """`url` -> `target` through a temporary file that becomes `target` only once the transfer is complete
+    (all of Content-Length, when the server sends one): a cut download is never cached."""
+    fix = "check the URL and the network, or download the file and set model.pretrained to its path"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, atomic_path(target) as tmp:
+            length = response.headers.get("Content-Length")
+            received = 0
+            with open(tmp, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    received += len(chunk)
+            if length is not None and length.strip().isdigit() and received != int(length):
+                raise DownloadError(f"could not download pretrained weights from {url}: the transfer stopped at "
+                                    f"{received} of {int(length)} bytes", fix=fix)
+    except DownloadError:
+        raise
+    except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError, timeouts, a dropped connection
+        raise DownloadError(f"could not download pretrained weights from {url}: {err}", fix=fix) from err
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Tensors of a safetensors file or of a torch checkpoint (weights only), unwrapped from state_dict/model."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("weights file not found", where=str(path),
+                                      fix="check model.pretrained (a file, a Hugging Face folder or a URL)") from None
+    except OSError as err:
+        raise UnreadableCheckpointError(f"cannot be read ({err.strerror or err})", where=str(path)) from None
     if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as err:  # SafetensorError: truncated or not safetensors at all
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+            raise UnreadableCheckpointError(f"not a readable safetensors file ({err})", where=str(path)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled code, RuntimeError for a corrupt file
-        raise ValueError(f"{path}: not a readable weights-only checkpoint ({type(err).__name__}: {err})") from None
+        raise UnreadableCheckpointError(f"not a readable weights-only checkpoint ({type(err).__name__}: {err})",
+                                        where=str(path)) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (optionally under 'state_dict' or 'model')")
+        raise UnreadableCheckpointError("expected a dict of tensors (optionally under 'state_dict' or 'model')",
+                                        where=str(path))
     return obj
 
 
@@ -173,7 +207,6 @@ def to_mit_names(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
 
 def guess_variant(state: dict[str, Tensor]) -> str | None:
     """The MiT variant whose widths and depths a (mapped) state dict has, if any."""
-    from mitdet.models.mit import MIT_CONFIGS
     try:
         dims = tuple(state[f"norm{i}.weight"].shape[0] for i in range(1, 5))
     except KeyError:
@@ -200,40 +233,3 @@ def load_pretrained(encoder: nn.Module, path_or_url: str, cache: str | os.PathLi
     path = fetch(path_or_url, cache)
     state, fmt = to_mit_names(read_state_dict(path))
     load_state_dict_strict(encoder, state, f"{path_or_url} ({fmt} format)")
-
-
-# ------------------------------------------------------------------------------------ inference model files
-INFERENCE_FORMAT = "mitdet-detector-v1"
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FILE = "model.json"
-
-
-def save_inference_model(model: nn.Module, spec: dict, model_dir: str | os.PathLike) -> None:
-    """Write `model.safetensors` and `model.json` (spec: backbone, num_classes, categories, model) atomically."""
-    from safetensors.torch import save_file
-    missing = [k for k in ("backbone", "num_classes", "categories", "model") if k not in spec]
-    if missing:
-        raise ValueError(f"inference model spec lacks {missing}; it needs backbone, num_classes, categories, model")
-    model = getattr(model, "module", model)  # a DDP wrapper's model
-    # safetensors wants plain contiguous CPU tensors (channels_last weights are not contiguous)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    model_dir = Path(model_dir)
-    with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": INFERENCE_FORMAT})
-    write_json(model_dir / SPEC_FILE, {"format": INFERENCE_FORMAT, **{k: v for k, v in spec.items() if k != "format"}})
-
-
-def load_inference_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The detector saved by `save_inference_model`, in eval mode on `device`, and its spec (safetensors only)."""
-    from safetensors.torch import load_file
-    from mitdet.models.detector import build_detector  # detector.py imports this module
-    from mitdet.params import model_params_from_dict
-    model_dir = Path(model_dir)
-    spec = read_json(model_dir / SPEC_FILE)
-    if spec.get("format") != INFERENCE_FORMAT:
-        raise ValueError(f"{model_dir / SPEC_FILE}: format is {spec.get('format')!r}, expected {INFERENCE_FORMAT!r}")
-    # the weights are all in the file: no pretrained download, no compile for plain inference
-    params = dataclasses.replace(model_params_from_dict(spec["model"]), pretrained=None, compile=False)
-    model = build_detector(spec["backbone"], int(spec["num_classes"]), params)
-    load_state_dict_strict(model, load_file(str(model_dir / WEIGHTS_FILE)), str(model_dir / WEIGHTS_FILE))
-    return model.to(device).eval(), spec

@@ -1,0 +1,133 @@
+"""The saved inference model: `models/<backbone>/model.safetensors` + `model.json`, what train writes and evaluate
+loads.
+
+model.json (the spec) says how to rebuild the detector: format, backbone, num_classes (K + 1), categories (id, name,
+contiguous label), the model params, which checkpoint the weights came from and its step. Only safetensors is
+read back: loading a model runs no pickled code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mitdet.errors import CheckpointError
+from mitdet.io import atomic_path, read_json, write_json
+from mitdet.models.detector import build_detector
+from mitdet.models.pretrained import CheckpointMismatchError, load_state_dict_strict
+from mitdet.params import BACKBONE_NAMES, ModelParams, model_params_from_dict, to_dict
+
+INFERENCE_FORMAT = "mitdet-detector-v1"
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+SPEC_FIELDS = ("backbone", "num_classes", "categories", "model")  # what save and load need
+CATEGORY_FIELDS = ("id", "name", "label")
+
+
+def inference_spec(backbone: str, categories: Iterable, model: ModelParams, weights_from: str,
+                   step: int) -> dict[str, Any]:
+    """The model.json dict of a trained detector; `categories` are objects with .id, .name and .label."""
+    categories = list(categories)
+    return {"format": INFERENCE_FORMAT, "backbone": backbone, "num_classes": len(categories) + 1,
+            "categories": [{"id": c.id, "name": c.name, "label": c.label} for c in categories],
+            "model": to_dict(model), "weights_from": weights_from, "step": step}
+
+
+def save_inference_model(model: nn.Module, spec: dict, model_dir: str | os.PathLike) -> None:
+    """Write `model.safetensors` and `model.json` (spec: backbone, num_classes, categories, model) atomically."""
+    missing = [k for k in SPEC_FIELDS if k not in spec]
+    if missing:
+        raise ValueError(f"inference model spec lacks {missing}; it needs backbone, num_classes, categories, model")
+    model = getattr(model, "module", model)  # a DDP wrapper's model
+    # safetensors wants plain contiguous CPU tensors (channels_last weights are not contiguous)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    model_dir = Path(model_dir)
+    with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": INFERENCE_FORMAT})
+    write_json(model_dir / SPEC_FILE, {"format": INFERENCE_FORMAT, **{k: v for k, v in spec.items() if k != "format"}})
+
+
+def _retrain(backbone: Any) -> str:
+    """The fix for a saved model that is missing or broken: rerun the train stage that writes it."""
+    if isinstance(backbone, str) and backbone in BACKBONE_NAMES:
+        return f"run `dvc repro train_{backbone}` to write it again"
+    return "run `dvc repro train_<backbone>` for the backbone it belongs to"
+
+
+def _read_spec(model_dir: Path) -> dict:
+    """model.json, checked: a readable object of format INFERENCE_FORMAT with every field a detector needs."""
+    path = model_dir / SPEC_FILE
+    fix = _retrain(model_dir.name)
+    if not model_dir.is_dir():
+        raise CheckpointError("no saved model here", where=str(model_dir), fix=fix)
+    if not path.is_file():
+        raise CheckpointError("missing: the model folder has no spec", where=str(path), fix=fix)
+    try:
+        spec = read_json(path)
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        reason = str(err).removeprefix(f"{path}: ")  # read_json's errors name the file already
+        raise CheckpointError(f"cannot be read ({reason})", where=str(path), fix=fix) from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"holds a {type(spec).__name__}, not a model spec object", where=str(path), fix=fix)
+    fix = _retrain(spec.get("backbone", model_dir.name))
+    if spec.get("format") != INFERENCE_FORMAT:
+        raise CheckpointError(f"format is {spec.get('format')!r}, expected {INFERENCE_FORMAT!r}",
+                              where=str(path), fix=fix)
+    missing = [k for k in SPEC_FIELDS if k not in spec]
+    if missing:
+        raise CheckpointError(f"lacks {', '.join(missing)} (it needs {', '.join(SPEC_FIELDS)})",
+                              where=str(path), fix=fix)
+    categories = spec["categories"]
+    if not isinstance(categories, list) or not all(
+            isinstance(c, dict) and all(k in c for k in CATEGORY_FIELDS) for c in categories):
+        raise CheckpointError("categories must be a list of objects with id, name and label",
+                              where=str(path), fix=fix)
+    if not isinstance(spec["num_classes"], int) or isinstance(spec["num_classes"], bool):
+        raise CheckpointError(f"num_classes is {spec['num_classes']!r}, not an integer", where=str(path), fix=fix)
+    return spec
+
+
+def _mismatch_summary(err: CheckpointMismatchError, shown: int = 5) -> str:
+    parts = []
+    for label, keys in (("missing", err.missing), ("unexpected", err.unexpected),
+                        ("mis-shaped", [k for k, _, _ in err.mismatched])):
+        if keys:
+            more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{len(keys)} {label} keys ({', '.join(keys[:shown])}{more})")
+    return "; ".join(parts)
+
+
+def load_inference_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The detector saved by `save_inference_model`, in eval mode on `device`, and its spec (safetensors only).
+
+    A missing or broken model folder raises CheckpointError naming the file and the train stage that rewrites it.
+    """
+    model_dir = Path(model_dir)
+    spec = _read_spec(model_dir)
+    spec_path, weights_path = model_dir / SPEC_FILE, model_dir / WEIGHTS_FILE
+    fix = _retrain(spec["backbone"])
+    try:
+        # the weights are all in the file: no pretrained download, no compile for plain inference
+        params = dataclasses.replace(model_params_from_dict(spec["model"]), pretrained=None, compile=False)
+        model = build_detector(spec["backbone"], spec["num_classes"], params)
+    except (ValueError, TypeError, KeyError) as err:  # ParamsError is a ValueError; unknown backbone, bad sizes
+        raise CheckpointError(f"does not describe a detector this code builds ({err})", where=str(spec_path),
+                              fix=fix) from None
+    if not weights_path.is_file():
+        raise CheckpointError("missing: the model folder has a spec but no weights", where=str(weights_path),
+                              fix=fix)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # SafetensorError (truncated, not safetensors), OSError
+        raise CheckpointError(f"not a readable safetensors file ({err})", where=str(weights_path), fix=fix) from None
+    try:
+        load_state_dict_strict(model, state, str(weights_path))
+    except CheckpointMismatchError as err:
+        raise CheckpointError(f"does not fit the {spec['backbone']} detector that {SPEC_FILE} describes: "
+                              f"{_mismatch_summary(err)}", where=str(weights_path), fix=fix) from None
+    return model.to(device).eval(), spec
