@@ -70,7 +70,7 @@ def test_eval_forward_returns_boxes_labels_and_scores_within_the_image(coco_batc
     with torch.no_grad():
         outputs = model(images)
     assert len(outputs) == 2
-    for image, out in zip(images, outputs):
+    for image, out in zip(images, outputs, strict=True):
         n = len(out["boxes"])
         assert n == 7  # detections_per_img, with score_thresh 0 so the list is full
         assert out["boxes"].shape == (n, 4) and out["labels"].shape == (n,) and out["scores"].shape == (n,)

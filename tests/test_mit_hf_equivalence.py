@@ -57,7 +57,7 @@ def test_feature_maps_match_transformers_segformer(name, tmp_path):
         expected = reference(pixel_values=x, output_hidden_states=True).hidden_states
         got = ours(x)
     assert len(expected) == len(got) == 4
-    for stage, (a, b) in enumerate(zip(got, expected), start=1):
+    for stage, (a, b) in enumerate(zip(got, expected, strict=True), start=1):
         assert a.shape == b.shape, (stage, a.shape, b.shape)
         assert relative_error(a, b) < 1e-5, (name, stage, relative_error(a, b))
 
@@ -67,4 +67,4 @@ def test_feature_maps_match_transformers_segformer(name, tmp_path):
             module.eps = 1e-5
     with torch.no_grad():
         got = ours(x)
-    assert max(relative_error(a, b) for a, b in zip(got, expected)) < 3e-6
+    assert max(relative_error(a, b) for a, b in zip(got, expected, strict=True)) < 3e-6

@@ -49,7 +49,7 @@ def test_original_segformer_checkpoint_with_head_and_state_dict_wrapper_loads(so
     assert same_weights(source, target)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(source(x), target(x)))
+        assert all(torch.equal(a, b) for a, b in zip(source(x), target(x), strict=True))
 
 
 def test_plain_and_module_prefixed_checkpoints_load(source, target, tmp_path):
@@ -207,7 +207,7 @@ def test_inference_model_round_trips_outputs_exactly(tmp_path):
     with torch.no_grad():
         expected, got = model(images), loaded(images)
     assert len(expected[0]["boxes"]) == 20  # score_thresh 0: a full list to compare
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         for key in ("boxes", "labels", "scores"):
             assert torch.equal(e[key], g[key]), key
 

@@ -7,7 +7,6 @@ raises `ParamsError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,15 +312,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ParamsError as err:
         raise _located(err, str(path)) from None
     return params_from_dict(raw if raw is not None else {}, source=str(path))
-
-
-def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
-    """load_params for entry points: a bad params.yaml prints one `error:` line and exits 2, no traceback."""
-    try:
-        return load_params(path)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:

@@ -18,7 +18,7 @@ REPORT_PLOTS = "plots/report"
 TRAIN_CODE = ("engine/train.py", "engine/state.py", "engine/stopping.py", "engine/optim.py", "engine/checkpoint.py",
               "engine/logs.py", "engine/monitor.py", "engine/distributed.py", "engine/device.py",
               "engine/inference.py", "engine/scoring.py", "models", "data/index.py", "data/dataset.py",
-              "data/transforms.py", "data/sampler.py", "params.py", "io.py", "paths.py", "errors.py")
+              "data/headers.py", "data/transforms.py", "data/sampler.py", "params.py", "io.py", "paths.py", "errors.py")
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,17 @@ LOCAL_DATA = [
     "${data.local.train.images}", "${data.local.train.annotations}",
     "${data.local.val.images}", "${data.local.val.annotations}",
 ]
-COMMON_CODE = ["src/mitdet/params.py", "src/mitdet/io.py", "src/mitdet/paths.py"]
-PREPARE_CODE = ["src/mitdet/data/sources.py", "src/mitdet/data/synthetic.py", "src/mitdet/data/download.py"]
+COMMON_CODE = ["src/mitdet/params.py", "src/mitdet/io.py", "src/mitdet/paths.py", "src/mitdet/errors.py",
+               "src/mitdet/stage.py"]
+PREPARE_CODE = ["src/mitdet/data/sources.py", "src/mitdet/data/synthetic.py", "src/mitdet/data/download.py",
+                "src/mitdet/data/index.py"]
 INDEX_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py"]
 LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/dataset.py", "src/mitdet/data/transforms.py",
                "src/mitdet/data/sampler.py"]
 MODEL_CODE = ["src/mitdet/models"]
 TRAIN_CODE = [f"src/mitdet/{part}" for part in paths.TRAIN_CODE]  # also what the checkpoint fingerprint hashes
 EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/inference.py", "src/mitdet/engine/device.py",
-             "src/mitdet/engine/scoring.py", "src/mitdet/drawing.py", "src/mitdet/errors.py"]
+             "src/mitdet/engine/scoring.py", "src/mitdet/drawing.py"]
 
 
 def _plot(path: str, **props) -> dict:
@@ -68,7 +70,7 @@ def stages_for(backbones: list[str]) -> dict:
         p = BackbonePaths(b)
         stages[f"train_{b}"] = {
             "cmd": f"python stages/train.py --backbone {b}",
-            "deps": ["stages/train.py", *TRAIN_CODE, paths.INDEX_DIR],
+            "deps": ["stages/train.py", "src/mitdet/stage.py", *TRAIN_CODE, paths.INDEX_DIR],
             "params": ["seed", "model", "train"],
             "outs": [
                 # resumable checkpoints survive DVC's pre-run cleanup and stay out of the cache (see README)

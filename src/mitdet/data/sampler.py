@@ -11,6 +11,8 @@ from bisect import bisect_right
 import numpy as np
 from torch.utils.data import Sampler
 
+from mitdet.errors import DataError
+
 
 def aspect_ratio_groups(widths, heights, k: int = 3) -> list[int]:
     """Group id per image from width/height, binned as torchvision's reference does (2k+1 log-spaced edges)."""
@@ -31,7 +33,8 @@ class GroupedBatchSampler(Sampler):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if not group_ids:
-            raise ValueError("GroupedBatchSampler: the split has no images; check the index (metrics/index.json)")
+            raise DataError("the training split has no images", where="data/index/train.jsonl",
+                            fix="check metrics/index.json and data/index/rejected.csv for why every image was dropped")
         self.group_ids = np.asarray(group_ids)
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size

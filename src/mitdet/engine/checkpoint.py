@@ -16,7 +16,7 @@ import torch
 import mitdet
 from mitdet import paths
 from mitdet.errors import CheckpointError
-from mitdet.io import atomic_path
+from mitdet.io import atomic_path, file_hash
 from mitdet.params import ModelParams, TrainParams, to_dict
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,6 @@ INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.jso
                "source.json")
 
 
-def file_sha256(path: str | Path, h=None):
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
-
-
 def index_hash(index_dir: str | Path) -> str:
     """Hash of the index files training reads (missing ones count as absent, by name)."""
     h = hashlib.sha256()
@@ -43,7 +35,7 @@ def index_hash(index_dir: str | Path) -> str:
         path = Path(index_dir) / name
         h.update(name.encode())
         if path.exists():
-            file_sha256(path, h)
+            file_hash(path, h=h)
         else:
             h.update(b"<absent>")
     return h.hexdigest()
@@ -60,7 +52,7 @@ def code_hash() -> str:
     h = hashlib.sha256()
     for path in files:
         h.update(str(path.relative_to(root)).encode())
-        file_sha256(path, h)
+        file_hash(path, h=h)
     return h.hexdigest()
 
 

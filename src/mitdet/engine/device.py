@@ -9,6 +9,8 @@ import logging
 
 import torch
 
+from mitdet.errors import ParamsError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,8 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set the device to auto or cpu")
+        raise ParamsError("device 'cuda' was asked for but torch sees no CUDA GPU", where="train.device / evaluate.device",
+                          fix="set it to auto or cpu")
     return torch.device(device)
 
 
@@ -31,7 +34,8 @@ _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def amp_mode(amp: str, device: torch.device) -> str:
     """The precision actually used for `amp` (auto | bf16 | fp16 | off): bf16 | fp16 | off (off outside CUDA)."""
     if amp not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"amp = {amp!r}; choose one of auto, bf16, fp16, off")
+        raise ParamsError(f"amp = {amp!r} is not a precision", where="train.amp / evaluate.amp",
+                          fix="choose one of auto, bf16, fp16, off")
     if device.type != "cuda" or amp == "off":
         if amp in _HALF:
             log.info("amp = %s ignored on %s: running in float32", amp, device.type)

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from mitdet.errors import ParamsError
 from mitdet.params import TrainParams
 
 # Parameters whose name holds one of these get no weight decay (position tables, embeddings, tokens).
@@ -50,7 +51,8 @@ def build_optimizer(model: nn.Module, train: TrainParams) -> torch.optim.Optimiz
     """AdamW or SGD over `param_groups`, fused kernels when every parameter lives on CUDA."""
     groups = param_groups(model, train.weight_decay, train.backbone_lr_mult)
     if not groups:
-        raise ValueError("the model has no trainable parameters (model.frozen_stages freezes too much?)")
+        raise ParamsError("the model has no trainable parameters", where="model.frozen_stages",
+                          fix="freeze fewer stages")
     for g in groups:
         g["lr"] = train.lr * g["lr_mult"]
         g["initial_lr"] = g["lr"]

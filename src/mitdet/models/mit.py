@@ -1,7 +1,7 @@
 """SegFormer's Mix Transformer (MiT-b0..b5) encoder: four feature maps at strides 4, 8, 16, 32.
 
 Modules are named exactly as in NVlabs' `mix_transformer.py` (patch_embed1, block1.0.attn.q, norm1, ...), so the
-original ImageNet checkpoints load with no renaming; `weights.py` maps Hugging Face names onto these.
+original ImageNet checkpoints load with no renaming; `pretrained.py` maps Hugging Face names onto these.
 """
 from __future__ import annotations
 
