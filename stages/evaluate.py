@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(params.evaluate.threads)
 
     from mitdet.engine.evaluate import evaluate_backbone  # torch: imported once the arguments are known good
-    metrics = evaluate_backbone(args.backbone, params.evaluate, seed=params.seed, progress=sys.stderr.isatty())
+    metrics = evaluate_backbone(args.backbone, params.evaluate, inference=params.model, seed=params.seed,
+                                progress=sys.stderr.isatty())
     print(json.dumps(metrics, indent=2))
     return 0
 

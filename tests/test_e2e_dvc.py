@@ -31,7 +31,7 @@ def tiny_params(raw: dict) -> dict:
                                post_nms_top_n_test=16, batch_size_per_image=32)
     raw["model"]["roi"].update(batch_size_per_image=16, detections_per_img=20)
     raw["train"].update(epochs=1, max_steps=3, batch_size=2, warmup_steps=1, num_workers=0, log_every_steps=1,
-                        per_backbone={})
+                        per_backbone={b: {} for b in BACKBONES})
     raw["train"]["quick_eval"]["interval"] = 2
     raw["train"]["quick_eval"]["samples"] = 2
     raw["train"]["val"].update(interval=1, unit="epochs", max_images=4)
@@ -132,6 +132,60 @@ def test_second_repro_is_a_noop(project):
     work, env, dvc, _ = project
     out = run([dvc, "repro"], work, env)
     assert "Running stage" not in out
+
+
+def changed_stages(work: Path, env: dict, dvc: str) -> set[str]:
+    """The stages `dvc status` reports as changed (what `dvc repro` would run first)."""
+    return set(json.loads(run([dvc, "status", "--json"], work, env)))
+
+
+def set_param(raw: dict, dotted: str, value) -> dict:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return raw
+
+
+@pytest.mark.parametrize("change,expected", [
+    # one backbone's override reruns that backbone only
+    ({"train.per_backbone.mit_b1": {"batch_size": 1}}, {"train_mit_b1"}),
+    # inference-only settings rerun evaluation only
+    ({"model.roi.score_thresh": 0.2, "model.rpn.post_nms_top_n_test": 8}, {"evaluate_mit_b0", "evaluate_mit_b1"}),
+    ({"evaluate.weights": "last"}, {"evaluate_mit_b0", "evaluate_mit_b1"}),
+    # logging, workers, quick evals, TensorBoard and checkpoint cadence shape no weights
+    ({"train.log_every_steps": 5, "train.num_workers": 1, "train.tensorboard": True,
+      "train.quick_eval.interval": 7, "train.checkpoint.every_steps": 9}, set()),
+    # what shapes training reruns every backbone
+    ({"train.lr": 0.002}, {"train_mit_b0", "train_mit_b1"}),
+])
+def test_a_param_change_reruns_only_what_it_reads(project, change, expected):
+    work, env, dvc, _ = project
+    original = (work / "params.yaml").read_text()
+    raw = yaml.safe_load(original)
+    for key, value in change.items():
+        set_param(raw, key, value)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        assert changed_stages(work, env, dvc) == expected
+    finally:
+        (work / "params.yaml").write_text(original)
+    assert changed_stages(work, env, dvc) == set()
+
+
+@pytest.mark.parametrize("path,retrains", [("src/mitdet/drawing.py", False), ("src/mitdet/paths.py", False),
+                                           ("src/mitdet/engine/optim.py", True)])
+def test_a_code_change_retrains_only_when_training_runs_it(project, path, retrains):
+    work, env, dvc, _ = project
+    original = (work / path).read_text()
+    (work / path).write_text(original + "\n# an edit\n")
+    try:
+        changed = changed_stages(work, env, dvc)
+    finally:
+        (work / path).write_text(original)
+    assert bool(changed & {"train_mit_b0", "train_mit_b1"}) == retrains, changed
+    assert changed, "every code file is some stage's dependency"
 
 
 def test_exp_run_with_new_lr_reruns_only_train_dependents(project):

@@ -93,7 +93,7 @@ def test_a_run_writes_every_declared_output(run_dir, index_dir):
     for path in (p.weights, p.model_json, p.train_metrics, p.train_batches_csv, p.train_epochs_csv,
                  p.val_history_csv):
         assert Path(path).is_file(), path
-    assert list(Path(p.model_dir, "tensorboard").glob("events.out.tfevents.*"))
+    assert list(Path(p.model_dir, "tensorboard").glob("*/events.out.tfevents.*"))  # one folder per run
     assert not list(Path(".").rglob("*.tmp"))  # every write went through a rename
     # 8 images / batch 2 = 4 batches per epoch, 2 per optimizer step -> 2 steps per epoch
     assert result["steps"] == 4 and result["total_steps"] == 4 and result["epochs"] == 2.0
@@ -269,7 +269,7 @@ def write_params(root: Path, index_rel: str = "data/index", **train_overrides) -
     raw["model"] = m
     raw["backbones"] = [B]
     raw["train"].update({"device": "cpu", "num_workers": 0, "threads": 1, "batch_size": 2, "warmup_steps": 2,
-                         "log_every_steps": 1, "per_backbone": {}, **train_overrides})
+                         "log_every_steps": 1, "per_backbone": {B: {}}, **train_overrides})
     raw["train"]["quick_eval"]["interval"] = 0
     raw["train"]["val"]["interval"] = 0
     path = root / "params.yaml"

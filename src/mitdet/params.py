@@ -7,6 +7,7 @@ raises `ParamsError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class EarlyStoppingParams:
 class CheckpointParams:
     every_steps: int = _f(100, lo=0)
     keep: int = _f(2, lo=0)
+    keep_finished: int = _f(4, lo=0, hi=1000)   # finished runs kept (final weights) to restore without training
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,12 @@ class EvaluateParams:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
     threads: int = _f(0, lo=0, hi=1024)
+    weights: str = "final"   # final (model.safetensors) | best | last | epoch_NNN (models/<b>/checkpoints/*.pt)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"final|best|last|epoch_\d{3,}", self.weights):
+            raise ParamsError(f"{self.weights!r} names no checkpoint", where="evaluate.weights",
+                              fix="use final, best, last or epoch_NNN (e.g. epoch_003)")
 
 
 @dataclass(frozen=True)
@@ -281,6 +289,52 @@ class Params:
             raise ParamsError("backbones must list at least one of " + ", ".join(BACKBONE_NAMES))
         if len(set(self.backbones)) != len(self.backbones):
             raise ParamsError(f"backbones lists a name twice: {self.backbones}")
+        missing = [b for b in self.backbones if b not in self.train.per_backbone]
+        if missing:  # each train stage declares its own entry as a DVC param, so it must exist
+            raise ParamsError(f"no entry for {', '.join(missing)}", where="train.per_backbone",
+                              fix=f"add `{missing[0]}: {{}}` (an empty mapping: no overrides)")
+
+
+# Keys that only shape predictions: the evaluate stages depend on them, the train stages do not (their own
+# validation reads them), and the checkpoint fingerprint leaves them out.
+INFERENCE_KEYS = ("model.rpn.pre_nms_top_n_test", "model.rpn.post_nms_top_n_test", "model.roi.score_thresh",
+                  "model.roi.nms_thresh", "model.roi.detections_per_img")
+# train keys that do not change the weights a run ends with (logs, loader workers, checkpoint cadence); a
+# backbone's overrides are declared by its own stage (train.per_backbone.<b>)
+NOT_SHAPING_TRAIN = ("train.log_every_steps", "train.tensorboard", "train.num_workers", "train.quick_eval",
+                     "train.checkpoint", "train.per_backbone")
+
+
+def shaping_keys(cls, prefix: str, exclude: tuple[str, ...]) -> list[str]:
+    """Dotted keys of `cls` minus `exclude`: a group whole, unless some excluded key lies inside it."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        if key in exclude:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]) and any(e.startswith(key + ".") for e in exclude):
+            keys += shaping_keys(hints[f.name], key, exclude)
+        else:
+            keys.append(key)
+    return keys
+
+
+def train_stage_params(backbone: str) -> list[str]:
+    """The params train_<backbone> reads that shape its weights (its DVC params; the fingerprint's parts)."""
+    return ["seed", *shaping_keys(ModelParams, "model", INFERENCE_KEYS),
+            *shaping_keys(TrainParams, "train", NOT_SHAPING_TRAIN), f"train.per_backbone.{backbone}"]
+
+
+def shaping_values(obj, prefix: str, exclude: tuple[str, ...]) -> dict:
+    """The values of `shaping_keys` of a params object, by dotted key."""
+    out = {}
+    for key in shaping_keys(type(obj), prefix, exclude):
+        value = obj
+        for part in key.split(".")[1:]:
+            value = getattr(value, part)
+        out[key] = to_dict(value)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -11,14 +11,17 @@ INDEX_METRICS = "metrics/index.json"
 PREDICTIONS_DIR = "data/predictions"
 REPORT_JSON = "metrics/report.json"
 REPORT_MD = "metrics/report.md"
+REPORT_SUMMARY = "metrics/summary.json"   # the report's DVC metric: best backbone and its score
 REPORT_PLOTS = "plots/report"
 
 # The code that trains, relative to src/mitdet: the train stages' code deps in dvc.yaml AND what the checkpoint
 # fingerprint hashes, from this one list, so an edit that reruns training also refuses to resume across it.
+# Not here: drawing, the evaluate stage, the report, export, and file names (paths.py), which shape no weights.
 TRAIN_CODE = ("engine/train.py", "engine/state.py", "engine/stopping.py", "engine/optim.py", "engine/checkpoint.py",
               "engine/logs.py", "engine/monitor.py", "engine/distributed.py", "engine/device.py",
-              "engine/inference.py", "engine/scoring.py", "models", "data/index.py", "data/dataset.py",
-              "data/headers.py", "data/transforms.py", "data/sampler.py", "params.py", "io.py", "paths.py", "errors.py")
+              "engine/inference.py", "engine/scoring.py", "models/mit.py", "models/detector.py",
+              "models/pretrained.py", "models/bundle.py", "data/index.py", "data/dataset.py", "data/headers.py",
+              "data/transforms.py", "data/sampler.py", "params.py", "io.py", "errors.py")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class BackbonePaths:
     @property
     def per_class_metrics(self) -> str:
         return f"metrics/{self.backbone}/per_class.json"
+
+    @property
+    def scores(self) -> str:  # the evaluate stage's DVC metric: eval.json's accuracy keys
+        return f"metrics/{self.backbone}/scores.json"
+
+    @property
+    def train_summary(self) -> str:  # the train stage's DVC metric: steps, final loss, best validation score
+        return f"metrics/{self.backbone}/train_summary.json"
 
     @property
     def plots_dir(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from mitdet import paths
-from mitdet.params import load_params
+from mitdet.params import INFERENCE_KEYS, load_params, train_stage_params
 from mitdet.paths import BackbonePaths
 
 HEADER = """\
@@ -46,6 +46,76 @@ def _metric(path: str) -> dict:
     return {path: {"cache": False}}
 
 
+# Axis titles of the charts (`dvc plots show`), with units; AP and recall are fractions in [0, 1]
+STEP, AP_AXIS = "optimizer step", "AP (COCO, IoU 0.50:0.95)"
+LOSS_TERMS = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]
+
+
+# What DVC shows as metrics is what people compare (small files, in git); the full records (timings, memory,
+# counts) are cached outputs, so evaluate and report come back from the run-cache. Only the checkpoints are
+# cache: false (persist), which is why the train stages are never run-cached.
+def train_outputs(p: BackbonePaths) -> dict:
+    """outs/metrics/plots of train_<b>: weights and train.json cached, train_summary.json the metric."""
+    b = p.backbone
+    return {
+        "outs": [
+            # resumable checkpoints survive DVC's pre-run cleanup and stay out of the cache (see README)
+            {p.checkpoints: {"persist": True, "cache": False}},
+            p.weights,
+            p.model_json,
+            p.train_metrics,
+        ],
+        "metrics": [_metric(p.train_summary)],
+        "plots": [
+            _plot(p.train_batches_csv, x="step", y="loss", title=f"{b}: training loss", x_label=STEP,
+                  y_label="loss (sum of the 4 Faster R-CNN terms)"),
+            _plot(p.train_epochs_csv, x="epoch", y="avg_loss", title=f"{b}: loss per epoch", x_label="epoch",
+                  y_label="mean loss over the epoch"),
+            _plot(p.val_history_csv, x="step", y="AP50", title=f"{b}: validation AP50", x_label=STEP,
+                  y_label="AP50 (COCO, IoU 0.5)"),
+        ],
+    }
+
+
+def evaluate_outputs(p: BackbonePaths) -> dict:
+    """outs/metrics/plots of evaluate_<b>: eval.json and per_class.json cached, scores.json the metric."""
+    b = p.backbone
+    return {
+        # per_class.json: `dvc metrics diff --targets metrics/<b>/per_class.json`, not in every table
+        "outs": [p.predictions, p.eval_metrics, p.per_class_metrics],
+        "metrics": [_metric(p.scores)],
+        "plots": [
+            _plot(p.per_class_ap_csv, template="bar_horizontal_sorted", x="AP", y="class",
+                  title=f"{b}: AP per class", x_label=AP_AXIS, y_label="class"),
+            _plot(p.pr_curve_csv, x="recall", y="precision_iou50", title=f"{b}: precision-recall at IoU 0.5",
+                  x_label="recall", y_label="precision at IoU 0.5"),
+            _plot(p.samples_dir),
+        ],
+    }
+
+
+def report_outputs() -> dict:
+    """outs/metrics/plots of report: report.json and report.md cached, summary.json the metric."""
+    r = paths.REPORT_PLOTS
+    return {
+        "outs": [paths.REPORT_JSON, paths.REPORT_MD],
+        "metrics": [_metric(paths.REPORT_SUMMARY)],
+        "plots": [
+            _plot(f"{r}/ap_vs_params.csv", template="scatter_backbones", x="params_m", y="AP",
+                  title="AP against parameters (line: Pareto front)", x_label="parameters (millions)",
+                  y_label=AP_AXIS),
+            _plot(f"{r}/ap_vs_latency.csv", template="scatter_backbones", x="ms_per_image", y="AP",
+                  title="AP against latency (line: Pareto front)", x_label="latency (ms per image, batch 1)",
+                  y_label=AP_AXIS),
+            _plot(f"{r}/per_class_ap.csv", template="grouped_bars", x="AP", y="class",
+                  title="AP per class and backbone", x_label=AP_AXIS, y_label="class"),
+            _plot(f"{r}/ap_vs_params.png"),
+            _plot(f"{r}/ap_vs_latency.png"),
+            _plot(f"{r}/per_class_heatmap.png"),
+        ],
+    }
+
+
 def stages_for(backbones: list[str]) -> dict:
     """The `stages:` mapping of dvc.yaml."""
     stages: dict = {
@@ -62,28 +132,16 @@ def stages_for(backbones: list[str]) -> dict:
             # the manifest carries a fingerprint of each split's files, so changed local data changes data/raw
             "deps": ["stages/build_index.py", *INDEX_CODE, *COMMON_CODE, paths.RAW_DIR],
             "params": ["index"],
-            "outs": [paths.INDEX_DIR],
-            "metrics": [_metric(paths.INDEX_METRICS)],
+            "outs": [paths.INDEX_DIR, paths.INDEX_METRICS],  # counts and timings: an output, not a DVC metric
         },
     }
     for b in backbones:
         p = BackbonePaths(b)
         stages[f"train_{b}"] = {
             "cmd": f"python stages/train.py --backbone {b}",
-            "deps": ["stages/train.py", "src/mitdet/stage.py", *TRAIN_CODE, paths.INDEX_DIR],
-            "params": ["seed", "model", "train"],
-            "outs": [
-                # resumable checkpoints survive DVC's pre-run cleanup and stay out of the cache (see README)
-                {p.checkpoints: {"persist": True, "cache": False}},
-                p.weights,
-                p.model_json,
-            ],
-            "metrics": [_metric(p.train_metrics)],
-            "plots": [
-                _plot(p.train_batches_csv, x="step", y="loss", title=f"{b}: training loss"),
-                _plot(p.train_epochs_csv, x="epoch", y="avg_loss", title=f"{b}: loss per epoch"),
-                _plot(p.val_history_csv, x="step", y="AP50", title=f"{b}: validation AP50"),
-            ],
+            "deps": ["stages/train.py", *TRAIN_CODE, paths.INDEX_DIR],  # not stage.py: arguments and messages
+            "params": train_stage_params(b),  # only what shapes its weights, own overrides included
+            **train_outputs(p),
         }
     for b in backbones:
         p = BackbonePaths(b)
@@ -91,16 +149,8 @@ def stages_for(backbones: list[str]) -> dict:
             "cmd": f"python stages/evaluate.py --backbone {b}",
             "deps": ["stages/evaluate.py", *EVAL_CODE, *MODEL_CODE, *LOADER_CODE, *COMMON_CODE,
                      paths.INDEX_DIR, p.weights, p.model_json],
-            "params": ["evaluate"],
-            # per_class.json is an output, not a metric: 80 classes would swamp `dvc metrics show`
-            "outs": [p.predictions, {p.per_class_metrics: {"cache": False}}],
-            "metrics": [_metric(p.eval_metrics)],
-            "plots": [
-                _plot(p.per_class_ap_csv, template="bar_horizontal_sorted", x="AP", y="class",
-                      title=f"{b}: AP per class"),
-                _plot(p.pr_curve_csv, x="recall", y="precision_iou50", title=f"{b}: precision-recall at IoU 0.5"),
-                _plot(p.samples_dir),
-            ],
+            "params": ["evaluate", *INFERENCE_KEYS],  # the model's inference-only settings
+            **evaluate_outputs(p),
         }
     report_deps = ["stages/report.py", "src/mitdet/report.py", *COMMON_CODE]
     for b in backbones:
@@ -110,39 +160,50 @@ def stages_for(backbones: list[str]) -> dict:
         "cmd": "python stages/report.py",
         "deps": report_deps,
         "params": ["backbones", "report"],
-        "outs": [{paths.REPORT_MD: {"cache": False}}],
-        "metrics": [_metric(paths.REPORT_JSON)],
-        "plots": [
-            _plot(f"{paths.REPORT_PLOTS}/ap_vs_params.csv", template="scatter", x="params_m", y="AP",
-                  title="AP against parameters (M)"),
-            _plot(f"{paths.REPORT_PLOTS}/ap_vs_latency.csv", template="scatter", x="ms_per_image", y="AP",
-                  title="AP against latency (ms per image)"),
-            _plot(f"{paths.REPORT_PLOTS}/per_class_ap.csv", template="bar_horizontal", x="AP", y="class",
-                  title="AP per class and backbone"),
-            _plot(f"{paths.REPORT_PLOTS}/ap_vs_params.png"),
-            _plot(f"{paths.REPORT_PLOTS}/ap_vs_latency.png"),
-            _plot(f"{paths.REPORT_PLOTS}/per_class_heatmap.png"),
-        ],
+        **report_outputs(),
     }
     return stages
 
 
+def _by_backbone(title: str, x: str, column: str, files: dict, x_label: str, y_label: str) -> dict:
+    """One chart of `column` from each backbone's file, a colour and a legend entry per backbone."""
+    return {"title": title, "template": "lines_by_backbone", "x": x, "y": {f: column for f in files.values()},
+            "x_label": x_label, "y_label": y_label}
+
+
 def top_level_plots(backbones: list[str]) -> list:
-    """Cross-backbone charts for `dvc plots show`."""
-    return [
-        {"train_loss": {"title": "Training loss, all backbones", "x": "step",
-                        "y": {BackbonePaths(b).train_batches_csv: "loss" for b in backbones}}},
-        {"val_AP50": {"title": "Validation AP50 during training, all backbones", "x": "step",
-                      "y": {BackbonePaths(b).val_history_csv: "AP50" for b in backbones}}},
-        {"pr_curve_iou50": {"title": "Precision-recall at IoU 0.5, all backbones", "x": "recall",
-                            "y": {BackbonePaths(b).pr_curve_csv: "precision_iou50" for b in backbones}}},
-        {"pr_curve_iou75": {"title": "Precision-recall at IoU 0.75, all backbones", "x": "recall",
-                            "y": {BackbonePaths(b).pr_curve_csv: "precision_iou75" for b in backbones}}},
+    """Cross-backbone charts for `dvc plots show` (templates in .dvc/plots/), then each backbone's loss terms."""
+    bp = [BackbonePaths(b) for b in backbones]
+    batches = {p.backbone: p.train_batches_csv for p in bp}
+    pr = {p.backbone: p.pr_curve_csv for p in bp}
+    charts = [
+        {"train_loss": _by_backbone("Training loss, all backbones", "step", "loss", batches, STEP,
+                                    "loss (sum of the 4 Faster R-CNN terms)")},
+        {"learning_rate": _by_backbone("Learning rate, all backbones", "step", "lr", batches, STEP,
+                                       "learning rate (warmup, then the schedule)")},
+        {"val_AP50": _by_backbone("Validation AP50 during training, all backbones", "step", "AP50",
+                                  {p.backbone: p.val_history_csv for p in bp}, STEP, "AP50 (COCO, IoU 0.5)")},
+        {"pr_curve_iou50": _by_backbone("Precision-recall at IoU 0.5, all backbones", "recall", "precision_iou50",
+                                        pr, "recall", "precision at IoU 0.5")},
+        {"pr_curve_iou75": _by_backbone("Precision-recall at IoU 0.75, all backbones", "recall", "precision_iou75",
+                                        pr, "recall", "precision at IoU 0.75")},
     ]
+    return charts + [{f"loss_terms_{p.backbone}": {
+        "title": f"{p.backbone}: training loss terms", "template": "lines_by_column", "x": "step",
+        "y": {p.train_batches_csv: list(LOSS_TERMS)}, "x_label": STEP, "y_label": "loss term"}} for p in bp]
+
+
+def artifacts(backbones: list[str]) -> dict:
+    """Each backbone's trained model as a DVC artifact (`dvc artifacts get <repo> mit-b0 --rev v1.0.0`)."""
+    return {b.replace("_", "-"): {
+        "path": BackbonePaths(b).model_dir, "type": "model",
+        "desc": f"Faster R-CNN + FPN on the SegFormer MiT-{b[4:].upper()} encoder: model.safetensors and "
+                "model.json (mitdet.models.bundle.load_inference_model)",
+        "labels": [b, "faster-rcnn", "object-detection"]} for b in backbones}
 
 
 def render(backbones: list[str]) -> str:
-    doc = {"stages": stages_for(backbones), "plots": top_level_plots(backbones)}
+    doc = {"stages": stages_for(backbones), "plots": top_level_plots(backbones), "artifacts": artifacts(backbones)}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 

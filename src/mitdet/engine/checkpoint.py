@@ -17,12 +17,10 @@ import mitdet
 from mitdet import paths
 from mitdet.errors import CheckpointError
 from mitdet.io import atomic_path, file_hash
-from mitdet.params import ModelParams, TrainParams, to_dict
+from mitdet.params import INFERENCE_KEYS, NOT_SHAPING_TRAIN, ModelParams, TrainParams, shaping_values
 
 log = logging.getLogger(__name__)
 
-# TrainParams keys that do not change the weights a run ends with (logging, loading speed, checkpoint cadence).
-NOT_SHAPING = ("log_every_steps", "tensorboard", "num_workers", "quick_eval", "checkpoint", "per_backbone")
 # source.json carries the raw data's fingerprint: new pixels at the same size must not be resumed across
 INDEX_FILES = ("train.jsonl", "categories.json", "val.jsonl", "instances_val.json", "instances_train.json",
                "source.json")
@@ -59,9 +57,9 @@ def code_hash() -> str:
 def fingerprint(train: TrainParams, model: ModelParams, seed: int, index_dir: str | Path,
                 extra: dict | None = None) -> dict:
     """Everything that shapes a run, as a dict with one `hash` over all parts (kept readable for logs)."""
-    shaping = {k: v for k, v in to_dict(train).items() if k not in NOT_SHAPING}
     parts = {
-        "train": shaping, "model": to_dict(model), "seed": seed,
+        "train": shaping_values(train, "train", NOT_SHAPING_TRAIN),
+        "model": shaping_values(model, "model", INFERENCE_KEYS), "seed": seed,
         "index": index_hash(index_dir), "code": code_hash(), "extra": extra or {},
     }
     parts["hash"] = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -75,10 +73,8 @@ def fingerprint_diff(old: dict, new: dict) -> list[str]:
         a, b = old.get(part), new.get(part)
         if a == b:
             continue
-        if part == "train" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"train.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif part == "model" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"model.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if part in ("train", "model") and isinstance(a, dict) and isinstance(b, dict):
+            out += [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # dotted keys
         else:
             out.append(part)
     return out
@@ -175,4 +171,37 @@ def prune_periodic(directory: str | Path, keep: int) -> None:
     files = sorted(p for p in Path(directory).glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name))
     for p in files[: max(0, len(files) - keep)]:
         p.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------- finished runs
+# DVC never run-caches a stage with a persist output, so the train stages keep their own: each finished run's
+# final state (final weights, result, logs; no optimizer) under checkpoints/finished/<fingerprint hash>.pt.
+FINISHED_DIR = "finished"
+
+
+def finished_path(directory: str | Path, fp: dict) -> Path:
+    return Path(directory) / FINISHED_DIR / f"{fp['hash']}.pt"
+
+
+def keep_finished(directory: str | Path, fp: dict, state: dict, keep: int) -> None:
+    """Store a finished run's state by its fingerprint and keep only the newest `keep` of them."""
+    if keep <= 0:
+        return
+    save(finished_path(directory, fp), state)
+    stored = sorted((Path(directory) / FINISHED_DIR).glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    for old in stored[: max(0, len(stored) - keep)]:
+        old.unlink(missing_ok=True)
+
+
+def load_finished(directory: str | Path, fp: dict) -> dict | None:
+    """The stored finished run of fingerprint `fp`, if any (an unreadable one is set aside)."""
+    path = finished_path(directory, fp)
+    if not path.exists():
+        return None
+    try:
+        state = load(path)
+    except CheckpointError as err:
+        set_aside(path, str(err))
+        return None
+    return state if state.get("fingerprint", {}).get("hash") == fp["hash"] else None
 

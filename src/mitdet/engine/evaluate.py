@@ -11,16 +11,24 @@ from typing import Any
 import torch
 
 from mitdet.drawing import write_samples
+from mitdet.engine import checkpoint as ckpt
 from mitdet.engine.device import resolve_device
 from mitdet.engine.inference import measure_speed, predict
 from mitdet.engine.scoring import Scores, per_class_table, score
+from mitdet.errors import CheckpointError
 from mitdet.io import csv_text, write_json, write_text
+from mitdet.models.bundle import load_inference_model
+from mitdet.models.detector import set_inference
+from mitdet.models.pretrained import load_state_dict_strict
+from mitdet.params import ModelParams
 from mitdet.paths import INDEX_DIR, REJECTED_CSV, BackbonePaths
 
 log = logging.getLogger(__name__)
 
 EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "top10_mAP", "bottom10_mAP",
              "ap_spread", "images_per_s", "ms_per_image", "params_m", "gflops", "num_images")
+# scores.json, the evaluate stage's DVC metric: the accuracy keys people compare (timings and counts stay in eval.json)
+SCORE_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -52,6 +60,11 @@ def eval_metrics(scores: Scores, speed: dict, params_m: float | None, gflops: fl
     return {k: values.get(k) for k in EVAL_KEYS}
 
 
+def score_metrics(backbone: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """scores.json: eval.json's SCORE_KEYS under the backbone's name, so `dvc exp show` names columns `mit_b0.AP`."""
+    return {backbone: {k: metrics[k] for k in SCORE_KEYS if k in metrics}}
+
+
 def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> int | None:
     """How many images of `split` build_index rejected: its image-level rows (empty `ann_id`) in rejected.csv.
 
@@ -65,25 +78,42 @@ def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> in
 
 
 # ------------------------------------------------------------------------------------------ stage
-def evaluate_backbone(backbone: str, evaluate, *, seed: int = 0, root: str | Path = ".", split: str = "val",
-                      progress: bool = True) -> dict[str, Any]:
+def load_evaluated_model(model_dir: Path, weights: str, inference: ModelParams | None, device) -> tuple:
+    """models/<b>/ with the weights `evaluate.weights` names (final, best, last, epoch_NNN) and, when given, the
+    inference-only settings of `inference` (params.model); returns (model, spec)."""
+    model, spec = load_inference_model(str(model_dir), device=str(device))
+    if weights != "final":
+        path = model_dir / "checkpoints" / f"{weights}.pt"
+        if not path.is_file():
+            kept = sorted(p.stem for p in path.parent.glob("*.pt")) or ["none"]
+            raise CheckpointError("no such checkpoint", where=str(path),
+                                  fix=f"set evaluate.weights to final or a kept one ({', '.join(kept)})")
+        load_state_dict_strict(model, ckpt.load(path)["model"], str(path))
+        model.to(device).eval()
+    if inference is not None:
+        set_inference(model, inference)
+    return model, spec
+
+
+def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None = None, seed: int = 0,
+                      root: str | Path = ".", split: str = "val", progress: bool = True) -> dict[str, Any]:
     """The evaluate_<backbone> stage: models/<b>/ + data/index/ -> predictions, metrics, plots, samples.
 
-    `evaluate` is params.evaluate (batch size, device, amp, loader workers, scorer, outputs). The input size
-    (loader resize, GFLOPs) is the one the model was trained with, from its model.json, so the stage depends on
-    models/<b>/ and not on params.model.
+    `evaluate` is params.evaluate (weights, batch size, device, amp, loader workers, scorer, outputs); `inference`
+    is params.model, of which only the inference-only keys (params.INFERENCE_KEYS) are used. The input size
+    (loader resize, GFLOPs) is the one the model was trained with, from its model.json.
     Returns the eval.json dict.
     """
     from mitdet.data.dataset import build_loader
     from mitdet.data.index import load_split
-    from mitdet.models import count_parameters, detector_gflops, load_inference_model
+    from mitdet.models import count_parameters, detector_gflops
     from mitdet.params import model_params_from_dict
 
     root = Path(root)
     bp = BackbonePaths(backbone)
     dev = resolve_device(evaluate.device)
     amp = evaluate.amp
-    model, spec = load_inference_model(str(root / bp.model_dir), device=str(dev))
+    model, spec = load_evaluated_model(root / bp.model_dir, evaluate.weights, inference, dev)
     categories = spec["categories"]
     label_to_category = {int(c["label"]): int(c["id"]) for c in categories}
     names = {int(c["id"]): c["name"] for c in categories}
@@ -119,6 +149,7 @@ def evaluate_backbone(backbone: str, evaluate, *, seed: int = 0, root: str | Pat
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
     write_json(root / bp.eval_metrics, metrics)
+    write_json(root / bp.scores, score_metrics(backbone, metrics))
     write_json(root / bp.per_class_metrics, scores.per_class)
     write_text(root / bp.per_class_ap_csv, per_class_ap_csv(scores))
     write_text(root / bp.pr_curve_csv, pr_curve_csv(scores))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -18,12 +19,11 @@ LOSS_KEYS = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box
 
 
 class CsvLog:
-    """Rows kept in memory and rewritten whole (temp file + rename) at each flush: never a torn file.
+    """A CSV history written live: each row is appended to the file when it is made (one `write` of an
+    O_APPEND file, so readers such as `dvc plots show` or `mitdet monitor` see the run as it goes).
 
-    The loop flushes at checkpoint saves, epoch ends and the end of the run (not at every row: each flush
-    rewrites the whole file).
-
-    `rows` travel in the checkpoint, so a resumed run starts from exactly the rows of the step it resumes.
+    `rows` travel in the checkpoint; `flush` rewrites the whole file from them (temp file + rename), which a
+    resumed run does first: rows written after its checkpoint are replaced, with no duplicates and no gaps.
     """
 
     def __init__(self, path: str | None, columns: list[str], rows: list[dict] | None = None):
@@ -32,6 +32,13 @@ class CsvLog:
 
     def append(self, row: dict) -> None:
         self.rows.append({c: row.get(c, "") for c in self.columns})
+        if self.path is not None:  # rank 0 only
+            line = csv_text(self.columns, [[self.rows[-1].get(c) for c in self.columns]]).split("\n", 1)[1]
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
 
     def flush(self) -> None:
         if self.path is None:  # not rank 0

@@ -143,13 +143,15 @@ class RunState:
             setattr(self, k, state[k])
         self.seconds = state["seconds"]
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None in a stored finished run (nothing left to train)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.monitor.load_state_dict(state["monitor"])
         self.histories.load_state_dict(state["histories"])
-        self.sums.load_state_dict(state["ranks"][rank]["sums"])
+        if state["ranks"]:  # a stored finished run has none: nothing is left to train
+            self.sums.load_state_dict(state["ranks"][rank]["sums"])
         if not state["finished"]:
             self.resumed_from_step = state["step"]
 

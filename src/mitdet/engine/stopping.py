@@ -18,7 +18,9 @@ class Interrupted(Exception):
     """Training stopped on request (SIGINT/SIGTERM or a hook) after writing last.pt."""
 
     def __init__(self, step: int, signum: int | None):
-        super().__init__(f"interrupted at step {step}: run `dvc repro` again to resume")
+        # DVC sets DVC_EXP_BASELINE_REV for `dvc exp run`: that is the command to repeat
+        again = "dvc exp run" if os.environ.get("DVC_EXP_BASELINE_REV") else "dvc repro"
+        super().__init__(f"interrupted at step {step}: run `{again}` again to resume")
         self.step, self.signum = step, signum
 
 

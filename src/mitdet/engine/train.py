@@ -142,7 +142,7 @@ def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, inde
             run, state, saved = set_up(backbone, train, model, seed, index_dir, out, hooks)
             if state.finished:  # same params, data and code: rewrite the outputs from it
                 log.info("%s holds a finished run matching these params: rewriting its outputs", run.last_path)
-                return finish(run, state, dict(state.result))
+                return finish(run, state, dict(state.result), final_weights=saved.get("final_weights", False))
             begin_training(run, state, saved, seed)
             with StopFlag() as run.stop_flag, backbone_autocast(state.model, run.device, run.amp):
                 try:
@@ -200,17 +200,22 @@ def _device_and_ranks(train: TrainParams) -> tuple[torch.device, distributed.Dis
 
 
 def _resume_point(ck_dir: Path, fp: dict, main: bool) -> dict | None:
-    """The matching last.pt, decided by rank 0 and followed by the others; without one, an earlier run's
-    best.pt and epoch_NNN.pt are removed."""
-    last_path = ck_dir / "last.pt"
-    state = ckpt.load_matching(last_path, fp) if main else None
-    if main and state is None:
-        for stale in [ck_dir / "best.pt", *ck_dir.glob("epoch_*.pt")]:
-            if stale.exists():
-                stale.unlink()
-                log.info("removed %s of an earlier run", stale)
-    if distributed.broadcast_object(state is not None) and not main:
-        state = ckpt.load(last_path)
+    """The matching last.pt, or a stored finished run of these params, decided by rank 0 and followed by the
+    others; without a matching last.pt, an earlier run's best.pt and epoch_NNN.pt are removed."""
+    state, path = None, None
+    if main:
+        state, path = ckpt.load_matching(ck_dir / "last.pt", fp), ck_dir / "last.pt"
+        if state is None:
+            for stale in [ck_dir / "best.pt", *ck_dir.glob("epoch_*.pt")]:
+                if stale.exists():
+                    stale.unlink()
+                    log.info("removed %s of an earlier run", stale)
+            state, path = ckpt.load_finished(ck_dir, fp), ckpt.finished_path(ck_dir, fp)
+            if state is not None:
+                log.info("%s: these params were trained before: restoring that run's outputs", path)
+    path = distributed.broadcast_object(str(path) if state is not None else None)
+    if path is not None and not main:
+        state = ckpt.load(path)
     return state
 
 
@@ -256,11 +261,14 @@ def begin_training(run: Run, state: RunState, saved: dict, seed: int) -> None:
     state.model.train()
     if run.data.val_gt is not None:
         run.data.val_gt = load_coco(run.data.val_gt)  # once: every validation scores against it
-    run.tb = TensorBoard(str(Path(run.out.model_dir) / "tensorboard") if (run.main and run.params.tensorboard)
-                         else None, purge_step=state.step or None)
+    run.tb = TensorBoard(str(Path(run.out.model_dir) / "tensorboard" / run.fingerprint["hash"][:12])
+                         if (run.main and run.params.tensorboard) else None, purge_step=state.step or None)
     run.bar = progress_bar(run.plan.total_steps, state.step, enabled=run.main and sys.stderr.isatty())
     state.session_start = state.log_start = time.perf_counter()
     state.session_first_step = state.step
+    if run.main:  # the logs as of the resumed step (rows written after its checkpoint are dropped), then live
+        state.histories.flush()
+        write_progress(run, state, None)
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -401,7 +409,20 @@ def log_row(run: Run, state: RunState, lr_used: float) -> None:
                  run.plan.total_steps, state.epoch + 1, shown, ema, lr_used, row["images_per_s"],
                  time.strftime("%H:%M:%S", time.gmtime(eta)))
     run.tb.scalars(state.step, {"train/" + k: row[k] for k in ["loss", *LOSS_KEYS, "lr", "images_per_s"]})
+    write_progress(run, state, row)
     state.log_start = time.perf_counter()
+
+
+def write_progress(run: Run, state: RunState, row: dict | None) -> None:
+    """metrics/<b>/train.json while the run goes (`finished: false`): what `dvc exp show` shows of it live."""
+    if not run.main:
+        return
+    monitor = state.monitor
+    write_json(run.out.train_metrics, {
+        "backbone": run.backbone, "finished": False, "steps": state.step, "total_steps": run.plan.total_steps,
+        "epoch": state.epoch + 1, "loss": row["loss"] if row else None, "lr": state.schedule.lr,
+        "images_per_s": row["images_per_s"] if row else None, "seconds": state.elapsed(),
+        "best_metric": monitor.best if monitor.best_step >= 0 else None, "monitor": run.params.val.monitor})
 
 
 def end_epoch(run: Run, state: RunState, full_epoch: bool) -> None:
@@ -439,7 +460,6 @@ def save_last(run: Run, state: RunState) -> None:
     ranks = distributed.all_gather_object(state.rank_state())
     if run.main:
         ckpt.save(run.last_path, state.state_dict(run.fingerprint, ranks))
-        state.histories.flush()
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -515,23 +535,33 @@ def summary(run: Run, state: RunState) -> dict:
         "peak_memory_mb": peak_memory_mb(run.device), "images_skipped": state.images_skipped,
         "nonfinite_steps": monitor.nonfinite_steps, "params": count_parameters(state.model), "lr": state.schedule.lr,
         "amp": run.amp, "device": run.device.type, "world_size": run.dist.world_size,
-        "resumed_from_step": state.resumed_from_step,
+        "resumed_from_step": state.resumed_from_step, "finished": True,
     }
     state.finished, state.result, state.batch_in_epoch = True, result, 0
     save_last(run, state)
     return result
 
 
-def finish(run: Run, state: RunState, result: dict) -> dict:
-    """Final weights (best if validation ran, else last), train.json and the CSVs: rank 0 writes."""
+def train_summary(backbone: str, result: dict) -> dict:
+    """train_summary.json, the train stage's DVC metric: train.json's comparable keys under the backbone's name."""
+    return {backbone: {k: result.get(k) for k in ("steps", "final_loss", "best_metric")}}
+
+
+def finish(run: Run, state: RunState, result: dict, final_weights: bool = False) -> dict:
+    """Final weights (best if validation ran, else last; `final_weights`: the state's own, as a stored finished
+    run holds them), train.json and the CSVs, and the finished run stored for going back: rank 0 writes."""
     if run.main:
-        if result["weights_from"] == "best":
+        if result["weights_from"] == "best" and not final_weights:
             state.model.load_state_dict(ckpt.load(run.best_path)["model"])
         spec = inference_spec(run.backbone, run.data.categories, run.model_params, result["weights_from"],
                               result["steps"])
         save_inference_model(state.model, spec, run.out.model_dir)
         state.histories.flush()
         write_json(run.out.train_metrics, result)
+        write_json(run.out.train_summary, train_summary(run.backbone, result))
+        if not final_weights:
+            stored = {**state.state_dict(run.fingerprint, ranks=[]), "optimizer": None, "final_weights": True}
+            ckpt.keep_finished(run.out.checkpoints, run.fingerprint, stored, run.params.checkpoint.keep_finished)
         log.info("%s: %d steps in %.0f s (%.2f images/s); weights from %s.pt -> %s", run.backbone, result["steps"],
                  result["seconds"], result["images_per_s"], result["weights_from"], run.out.weights)
     distributed.barrier()

@@ -112,6 +112,15 @@ def build_detector(backbone: str, num_classes: int, model: ModelParams,
     return detector
 
 
+def set_inference(detector: FasterRCNN, model: ModelParams) -> None:
+    """Apply `model`'s inference-only settings (the RPN's test-time top-n, box score, NMS and count) in place."""
+    detector.rpn._pre_nms_top_n["testing"] = model.rpn.pre_nms_top_n_test
+    detector.rpn._post_nms_top_n["testing"] = model.rpn.post_nms_top_n_test
+    detector.roi_heads.score_thresh = model.roi.score_thresh
+    detector.roi_heads.nms_thresh = model.roi.nms_thresh
+    detector.roi_heads.detections_per_img = model.roi.detections_per_img
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (or only those with requires_grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
