@@ -55,7 +55,7 @@ def test_probe_reads_real_headers(tmp_path):
         (tmp_path / name).write_bytes(data)
         assert probe(str(tmp_path / name))[2] == expected[name], name
     assert probe(str(tmp_path / "absent.jpg"))[2] == "missing_file"
-    assert probe(str(tmp_path))[2] == "not_an_image"  # a directory
+    assert probe(str(tmp_path))[2] == "not_a_regular_file"  # a directory
 
 
 def _dataset(tmp_path: Path):
@@ -116,9 +116,12 @@ def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
     assert m["images_rejected"] == {"duplicate_image_id": 1, "empty_file": 1, "malformed_image_entry": 1,
                                     "missing_file": 1, "not_an_image": 1, "size_mismatch": 1, "truncated": 1}
     assert m["annotations_rejected"] == {"box_outside_image": 1, "box_too_small": 1, "degenerate_box": 1,
-                                         "duplicate_annotation_id": 1, "image_rejected": 2, "malformed_annotation": 2,
+                                         "image_rejected": 2, "malformed_annotation": 2,
                                          "unknown_category": 1, "unknown_image": 1}
-    assert m["annotations_kept"] == 4 and m["crowd_kept"] == 1 and m["boxes_clipped"] == 1
+    # id 100 twice with two different boxes: both kept (the ground truth renumbers), counted and warned about
+    assert m["annotations_kept"] == 5 and m["crowd_kept"] == 1 and m["boxes_clipped"] == 1
+    assert m["annotation_ids_shared"] == 1 and m["gt_annotations"] == 6  # + the too-small box 104
+    assert any("reuse another annotation's id" in w for w in metrics["warnings"])
     assert m["annotations"] == 14 == m["annotations_kept"] + sum(m["annotations_rejected"].values())
     assert json.loads((tmp_path / "metrics.json").read_text())["splits"]["train"]["images_per_s"] > 0
 
@@ -131,17 +134,20 @@ def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
     row = df.set_index("image_id").loc[1]
     assert row["ann_ids"] == [100, 101, 102] and row["iscrowd"] == [0, 0, 1] and row["labels"] == [2, 1, 2]
     assert row["boxes"][1] == [70, 50, 10, 10]
-    assert df.set_index("image_id").loc[2, "boxes"] == []
-    # evaluation ground truth keeps the crowd region and only kept annotations
+    assert df.set_index("image_id").loc[2, "boxes"] == [[5, 5, 10, 10]] and df.set_index("image_id").loc[2, "ann_ids"] == [100]
+    # evaluation ground truth: the crowd region, the too-small box, the official (unclipped) boxes, ids 1..N
     gt = json.loads((out / "instances_train.json").read_text())
-    assert sorted(a["id"] for a in gt["annotations"]) == [100, 101, 102, 109]
-    assert {a["id"]: a["iscrowd"] for a in gt["annotations"]}[102] == 1
+    assert sorted(a["source_id"] for a in gt["annotations"]) == [100, 100, 101, 102, 104, 109]
+    assert [a["id"] for a in gt["annotations"]] == [1, 2, 3, 4, 5, 6]
+    by_source = {(a["image_id"], a["source_id"]): a for a in gt["annotations"]}
+    assert by_source[1, 102]["iscrowd"] == 1 and by_source[1, 101]["bbox"] == [70, 50, 30, 30]
+    assert by_source[1, 100]["area"] == 400 and by_source[1, 104]["area"] == 30
     assert sorted(im["id"] for im in gt["images"]) == [1, 2, 3]
     # every dropped image and box has a row
     rows = list(csv.DictReader(open(out / "rejected.csv")))
     assert set(rows[0]) == {"split", "file", "image_id", "ann_id", "reason"}
     train_rows = [r for r in rows if r["split"] == "train"]
-    assert len(train_rows) == 7 + 10
+    assert len(train_rows) == 7 + 9
     # exactly one image-level row (empty ann_id) per rejected image entry; every box row names its annotation
     image_rows = [r for r in train_rows if r["ann_id"] == ""]
     assert len(image_rows) == sum(m["images_rejected"].values()) == m["images"] - m["images_kept"]

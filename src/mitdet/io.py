@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,22 +20,85 @@ from mitdet.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = socket.gethostname().replace("-", "_").replace("/", "_") or "host"  # '-' separates a temp name's fields
+LEGACY_TEMP_AGE_S = 86400  # temps named before they carried a pid: removed once this old
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, on error remove it."""
+    """Yield a temporary path beside `path`; on success flush it to disk and rename it over `path`, on error
+    remove it. Temporaries that interrupted writers of `path` left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        _fsync(tmp)  # the data first: after a power cut the renamed file must not be empty
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # then the rename itself
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove `.<name>.<host>-<pid>-*.tmp` beside `path` whose writer (a process on this host) is gone; return how
+    many. Temporaries of live processes, or of other hosts sharing the folder, are left alone."""
+    path = Path(path)
+    prefix, removed = f".{path.name}.", 0
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        if _is_stale(tmp.name[len(prefix):-len(".tmp")], tmp):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _is_stale(middle: str, tmp: Path) -> bool:
+    """`middle` is `<host>-<pid>-<random>`: stale when the pid is dead on this host; a bare 8-character random
+    part (the older naming) is stale after LEGACY_TEMP_AGE_S."""
+    fields = middle.rsplit("-", 2)  # mkstemp's random part has no '-'
+    if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
+        return int(fields[1]) != os.getpid() and not _pid_alive(int(fields[1]))
+    if re.fullmatch(r"[a-z0-9_]{8}", middle):
+        with contextlib.suppress(OSError):
+            return time.time() - tmp.stat().st_mtime > LEGACY_TEMP_AGE_S
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk (an error here is a disk error and raises)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    """Flush a folder's entries (a rename) to disk; skipped where folders cannot be opened or synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

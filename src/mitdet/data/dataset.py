@@ -1,9 +1,14 @@
 """The training/evaluation dataset over an index split, its collate function and the DataLoader builder."""
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
+import os
 import random
+import select
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -12,12 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mitdet.data.index import SplitIndex
 from mitdet.data.sampler import GroupedBatchSampler, OrderedBatchSampler, aspect_ratio_groups
-from mitdet.data.transforms import build_transform
+from mitdet.data.transforms import READ_FLAGS, build_transform, decode_image  # noqa: F401 (READ_FLAGS: others import it from here)
 from mitdet.params import ModelParams, TrainParams
 
 log = logging.getLogger(__name__)
-# EXIF orientation is ignored: COCO boxes and the header sizes the index checked refer to the stored pixels
-READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
 class DetectionDataset(Dataset):
@@ -35,13 +38,12 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rec = self.records[index]
-        image = cv2.imread(rec.file, READ_FLAGS)
-        if image is None or image.shape[:2] != (rec.height, rec.width):
-            why = ("cannot be decoded" if image is None
-                   else f"is {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}")
+        image, why = decode_image(rec.file, rec.width, rec.height)
+        if image is not None and image.shape[:2] != (rec.height, rec.width):
+            image, why = None, f"decodes to {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
+        if image is None:
             log.warning("skipping %s (image_id %d): the file %s", rec.file, rec.image_id, why)
             return None
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         keep = ~rec.iscrowd  # crowd regions are evaluation-only
         image, boxes, labels, scale = self.transform(image, rec.boxes[keep], rec.labels[keep], epoch, index)
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
@@ -56,11 +58,41 @@ def collate(batch):
     return [b[0] for b in kept], [b[1] for b in kept], len(batch) - len(kept)
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, trainer_pid: int | None = None) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     cv2.setNumThreads(1)  # workers are the parallelism; OpenCV's own threads would oversubscribe the cores
+    if trainer_pid is not None:
+        threading.Thread(target=_exit_with, args=(trainer_pid,), name="mitdet-trainer-watch", daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker as soon as process `pid` (the trainer) is gone.
+
+    PyTorch's own check watches the worker's parent, which is the forkserver here, and the forkserver only exits
+    once every worker has closed its end of the forkserver's pipe: after a kill -9 of the trainer both would live
+    on forever. A pidfd wakes this thread the moment `pid` exits; without one, it polls once a second."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        while _alive(pid):
+            time.sleep(1.0)
+        os._exit(1)
+    select.select([fd], [], [])  # readable once the process has exited
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (cannot be the trainer, but do not kill a worker for it)
+        return True
+    return True
 
 
 def build_loader(split: SplitIndex, *, model: ModelParams, train: TrainParams | None, seed: int, training: bool,
@@ -83,7 +115,8 @@ def build_loader(split: SplitIndex, *, model: ModelParams, train: TrainParams | 
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None, generator=generator,
+                      worker_init_fn=functools.partial(_worker_init, trainer_pid=os.getpid()) if num_workers > 0 else None,
+                      generator=generator,
                       multiprocessing_context=_worker_context() if num_workers > 0 else None)
 
 

@@ -1,11 +1,19 @@
-"""Image width and height from the first bytes of a JPEG or PNG file: no pixel is decoded."""
+"""Image width and height from the first bytes of a JPEG or PNG file: no pixel is decoded.
+
+Only regular files are opened (a FIFO or a device would block or never end); symbolic links are followed, so a
+link into another folder (DVC's symlink cache, a shared image store) reads as the file it points to.
+"""
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 HEAD_BYTES = 1024   # enough for SOF/IHDR in nearly every file; larger EXIF/ICC segments are skipped with pread
 TAIL_BYTES = 64     # where the JPEG end-of-image marker or the PNG IEND chunk must be (truncation check)
+# Larger images are refused: a decoder would need gigabytes per loader worker (OpenCV raises beyond 2^30 pixels)
+MAX_PIXELS = 1 << 28
+MAX_SIDE = 32768
 
 # JPEG start-of-frame markers carrying the frame size (not DHT C4, JPG C8, DAC CC)
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -13,36 +21,56 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 # reasons returned (and written to rejected.csv by the index)
 MISSING, EMPTY, NOT_IMAGE, TRUNCATED, BAD_HEADER = "missing_file", "empty_file", "not_an_image", "truncated", "bad_header"
+NOT_REGULAR, TOO_LARGE = "not_a_regular_file", "image_too_large"
+
+
+def open_regular(path: str) -> tuple[int | None, str]:
+    """(a read-only fd, "") for a regular file (links followed), else (None, reason); never blocks on a FIFO."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None, NOT_REGULAR
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None, MISSING
+    except (OSError, ValueError):  # a directory, no permission, a NUL byte in the name
+        return None, NOT_IMAGE
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for a FIFO between stat and open
+        os.close(fd)
+        return None, NOT_REGULAR
+    return fd, ""
 
 
 def probe(path: str) -> tuple[int, int, str]:
     """(width, height, "") for a readable JPEG/PNG; (0, 0, reason) otherwise. Never raises for a bad file."""
+    fd, reason = open_regular(path)
+    if fd is None:
+        return 0, 0, reason
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return 0, 0, MISSING
-    except (IsADirectoryError, PermissionError, OSError):
-        return 0, 0, NOT_IMAGE
+        return probe_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def probe_fd(fd: int, size: int) -> tuple[int, int, str]:
+    """`probe` of an open regular file of `size` bytes (the file offset is not used)."""
+    if size == 0:
+        return 0, 0, EMPTY
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0, 0, EMPTY
         head = os.pread(fd, HEAD_BYTES, 0)
         if head[:3] == b"\xff\xd8\xff":
             w, h, reason = _jpeg_size(fd, head, size)
-            if not reason and b"\xff\xd9" not in os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES)):
-                reason = TRUNCATED
+            end = b"\xff\xd9"
         elif head[:8] == _PNG_SIG:
-            w, h, reason = _png_size(head)
-            if not reason and b"IEND" not in os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES)):
-                reason = TRUNCATED
+            (w, h, reason), end = _png_size(head), b"IEND"
         else:
             return 0, 0, NOT_IMAGE
-        return (w, h, "") if not reason else (0, 0, reason)
+        if not reason and end not in os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES)):
+            reason = TRUNCATED
+        if not reason and (w * h > MAX_PIXELS or max(w, h) > MAX_SIDE):
+            reason = TOO_LARGE
     except OSError:
         return 0, 0, NOT_IMAGE
-    finally:
-        os.close(fd)
+    return (w, h, "") if not reason else (0, 0, reason)
 
 
 def probe_many(paths: list[str]) -> list[tuple[int, int, str]]:

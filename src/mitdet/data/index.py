@@ -1,15 +1,23 @@
 """build_index: validate images by their headers and annotations by rule; write the index the trainer reads.
 
-Outputs (under `out_dir`): `<split>.jsonl` (one kept image a line), `categories.json`, `instances_<split>.json`
-(the evaluation ground truth: kept images and annotations, crowd regions included), `rejected.csv` (one row per
-dropped image or box) and `source.json` (the raw manifest's source and per-split fingerprint, so that the index
-changes whenever the raw data does). Bad files and boxes are counted and skipped; a malformed annotation JSON is
-a DataError naming the file and the entry (`read_coco`/`check_coco`: the one COCO shape check, also the scorer's). Nothing under `out_dir` holds timings: an unchanged dataset indexed again gives byte-identical files.
+Outputs (under `out_dir`): `<split>.jsonl` (one kept image a line: the training targets), `categories.json`,
+`instances_<split>.json` (the evaluation ground truth), `rejected.csv` (one row per dropped image or box) and
+`source.json` (the raw manifest's source and per-split fingerprint, so that the index changes whenever the raw data
+does). Bad files and boxes are counted and skipped; a malformed annotation JSON is a DataError naming the file and
+the entry (`read_coco`/`check_coco`: the one COCO shape check, also the scorer's). Nothing under `out_dir` holds
+timings: an unchanged dataset indexed again gives byte-identical files.
+
+The evaluation ground truth is the official one restricted to the kept images: every valid annotation of those
+images with its own box and area (crowd regions, and boxes under `min_box_size`, which only training leaves out),
+so scores match COCO's own. Its annotation ids are renumbered 1..N (both COCO evaluators read id 0 as 'unmatched');
+`source_id` there, `ann_ids` in the .jsonl and rejected.csv carry the dataset's ids. Invalid boxes (non-finite,
+degenerate, outside the image) and unknown categories are dropped from both.
 
 rejected.csv: an image-level row (one per rejected image entry) has an empty `ann_id`; every annotation-level row
 has a non-empty one (the annotation's id, or `#<position in the JSON list>` when it has no integer id). Boxes on a
 rejected image are annotation rows with reason `image_rejected`, so per split
-annotations_kept + sum(annotations_rejected) == annotations.
+annotations_kept (training targets) + sum(annotations_rejected) == annotations; `box_too_small` rows are left out
+of training only, so gt_annotations == annotations_kept + box_too_small.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,14 +36,15 @@ import numpy as np
 
 from mitdet.data.headers import probe, probe_many
 from mitdet.errors import DataError
-from mitdet.io import atomic_path, finite_or_none, read_json, write_json, write_text
+from mitdet.io import atomic_path, clean_json, finite_or_none, read_json, write_json, write_text
 from mitdet.params import IndexParams
 
-try:  # 5-10x faster JSON for COCO-sized files; strict (refuses NaN) like mitdet.io.read_json
+try:  # 5-10x faster JSON for COCO-sized files
     import orjson
 except ImportError:  # pragma: no cover - the plain library gives the same results, slower
     orjson = None
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 REJECTED_COLUMNS = ["split", "file", "image_id", "ann_id", "reason"]
 INLINE_BELOW = 2000  # fewer images than this are probed in-process: a pool costs more than it saves
@@ -149,6 +159,9 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
             w = csv.writer(f)
             w.writerow(REJECTED_COLUMNS)
             w.writerows(rejected)
+    metrics["warnings"] = _warnings(metrics["splits"])
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning)
     seconds = time.perf_counter() - t_start
     total = sum(m["images"] for m in metrics["splits"].values())
     metrics["seconds"] = round(seconds, 4)
@@ -156,6 +169,19 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
     if metrics_path is not None:
         write_json(root / metrics_path if not Path(metrics_path).is_absolute() else metrics_path, metrics)
     return metrics
+
+
+def _warnings(splits: dict) -> list[str]:
+    """What a reader of the numbers must know: a split with no image left, annotation ids shared by several."""
+    out = []
+    for split, m in splits.items():
+        if m["images_kept"] == 0:
+            use = "validation and evaluation have nothing to score" if split == "val" else "training has no data"
+            out.append(f"{split}: no image kept (of {m['images']}); {use}: see rejected.csv")
+        if m["annotation_ids_shared"]:
+            out.append(f"{split}: {m['annotation_ids_shared']} annotation(s) reuse another annotation's id; all kept, "
+                       f"renumbered in instances_{split}.json (source_id keeps the dataset's id)")
+    return out
 
 
 def _read_manifest(root: Path, manifest_path) -> tuple[dict, dict]:
@@ -227,12 +253,18 @@ def _short(v, limit: int = 80) -> str:
 
 
 def _read_json_fast(path: Path):
-    """orjson when installed (5-10x faster on COCO-sized files); malformed JSON is a DataError naming the file."""
-    if orjson is None:
-        return read_json(path)
+    """orjson when installed (5-10x faster on COCO-sized files), else or when it fails the standard parser, which
+    also reads the NaN/Infinity Python's json.dump writes (such boxes are then rejected one by one); malformed JSON
+    is a DataError naming the file."""
+    data = path.read_bytes()
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
     try:
-        return orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as err:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataError(f"not valid JSON ({err})", where=str(path)) from None
 
 
@@ -253,9 +285,10 @@ def _categories(cocos: dict[str, dict], paths: dict[str, str]) -> list[Category]
 
 
 def _dumps(value) -> str:
-    """One JSON line (NaN cannot occur: every number was checked finite)."""
+    """One JSON line; a non-finite number (only possible in fields copied as they are, such as an image entry's
+    extras) becomes null, as orjson writes it."""
     if orjson is None:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False) + "\n"
+        return json.dumps(clean_json(value), separators=(",", ":"), allow_nan=False) + "\n"
     return orjson.dumps(value).decode() + "\n"
 
 
@@ -282,17 +315,28 @@ class _Rejects:
         self.rows.append([self.split, file, image_id, ann_id, reason])
 
 
+@dataclass
+class _Box:
+    """One valid annotation of an image: the entry, its training box (clipped xywh; None when under
+    min_box_size: evaluation-only) and whether it was clipped."""
+    ann: dict
+    train_box: list | None
+    clipped: bool
+
+
 def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root):
     """One split: (index lines, evaluation ground truth, counts); rejected rows are appended to `rejected`."""
     counts = {"images": len(coco["images"]), "images_kept": 0, "annotations": len(coco["annotations"]),
-              "annotations_kept": 0, "crowd_kept": 0, "boxes_clipped": 0}
+              "annotations_kept": 0, "crowd_kept": 0, "boxes_clipped": 0, "gt_annotations": 0,
+              "annotation_ids_shared": 0}
     rejects = _Rejects(split, rejected)
     entries, rejected_image_ids = _image_entries(coco["images"], images_dir, rejects)
     # headers, in parallel: started now, collected after the annotations, so the two overlap
     files = [e[1] for e in entries.values()]
     probe_paths = files if str(root) in ("", ".") else [os.path.join(root, f) for f in files]
     pending = _probe_start(probe_paths, pool, params.workers)
-    _attach_annotations(coco["annotations"], entries, rejected_image_ids, label_of, params.min_box_size, rejects)
+    counts["annotation_ids_shared"] = _attach_annotations(coco["annotations"], entries, rejected_image_ids,
+                                                          label_of, params.min_box_size, rejects)
     lines, gt_images, gt_anns = _kept_images(entries, _probe_finish(pending), label_of, counts, rejects)
     counts["images_rejected"] = dict(sorted(rejects.images.items()))
     counts["annotations_rejected"] = dict(sorted(rejects.annotations.items()))
@@ -307,64 +351,97 @@ def _image_ok(im) -> bool:
             and type(im.get("width")) is int and type(im.get("height")) is int and im["width"] > 0 and im["height"] > 0)
 
 
+def _bad_file_name(name: str) -> bool:
+    """Absolute, climbing out with `..`, or holding a NUL byte (no file system can open that name)."""
+    return name[0] in "/\\" or "\0" in name or (".." in name and ".." in Path(name).parts)
+
+
 def _image_entries(images: list, images_dir: str, rejects: _Rejects) -> tuple[dict, set]:
-    """{id: (entry, file, [])} of the well-formed image entries with unique ids and plain relative file names,
-    and the ids of the rejected ones (their boxes are then `image_rejected`, not `unknown_image`)."""
+    """{id: (entry, file, [_Box])} of the well-formed image entries with plain relative file names, and the ids of
+    the rejected ones (their boxes are then `image_rejected`, not `unknown_image`).
+
+    An entry repeated as is counts once (`duplicate_image_id` for the repeats); different images sharing one id
+    are all rejected (`conflicting_image_id`): which of them an annotation belongs to cannot be known."""
     entries, rejected_image_ids = {}, set()
     for im in images:
-        if not _image_ok(im):
+        if not _image_ok(im) or _bad_file_name(im["file_name"]):
             d = im if isinstance(im, dict) else {}
-            rejects.image(d.get("file_name", ""), d.get("id", ""), "malformed_image_entry")
+            name = d.get("file_name", "")
+            reason = "bad_file_name" if isinstance(name, str) and name and _image_ok(im) else "malformed_image_entry"
+            rejects.image(name, d.get("id", ""), reason)
             if _is_int(d.get("id")):
                 rejected_image_ids.add(d["id"])
             continue
-        name = im["file_name"]
-        if name[0] in "/\\" or (".." in name and ".." in Path(name).parts):
-            rejects.image(name, im["id"], "malformed_image_entry")
-            rejected_image_ids.add(im["id"])
-            continue
-        if im["id"] in entries:  # the first entry keeps the id (and its boxes)
-            rejects.image(name, im["id"], "duplicate_image_id")
-            continue
-        entries[im["id"]] = (im, os.path.join(images_dir, name), [])
+        image_id, first = im["id"], entries.get(im["id"])
+        if first is not None and _same_image(first[0], im):
+            rejects.image(im["file_name"], image_id, "duplicate_image_id")
+        elif first is not None or image_id in rejected_image_ids:
+            if first is not None:
+                del entries[image_id]
+                rejects.image(first[0]["file_name"], image_id, "conflicting_image_id")
+            rejects.image(im["file_name"], image_id, "conflicting_image_id")
+            rejected_image_ids.add(image_id)
+        else:
+            entries[image_id] = (im, os.path.join(images_dir, im["file_name"]), [])
     return entries, rejected_image_ids
+
+
+def _same_image(a: dict, b: dict) -> bool:
+    return (a["file_name"], a["width"], a["height"]) == (b["file_name"], b["width"], b["height"])
 
 
 def _annotation_ok(a) -> bool:
     return (type(a) is dict and type(a.get("id")) is int and type(a.get("image_id")) is int
             and type(a.get("category_id")) is int and type(a.get("bbox")) is list and len(a["bbox"]) == 4
-            and all(type(v) in _NUMBER for v in a["bbox"]) and math.isfinite(sum(a["bbox"]))
+            and all(type(v) in _NUMBER for v in a["bbox"])
             and a.get("iscrowd", 0) in (0, 1) and type(a.get("iscrowd", 0)) is not float)
 
 
-def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_size, rejects: _Rejects) -> None:
-    """Append each valid box (entry, clipped xywh, was clipped) to its image's list in `entries`; reject the rest."""
-    ann_seen = set()
+def _same_annotation(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("image_id", "category_id", "bbox", "iscrowd"))
+
+
+def _annotation_reason(a, entries, rejected_image_ids, label_of, first_with_id) -> str:
+    """Why annotation `a` is dropped ("" when its image and category are known and its box numbers finite)."""
+    if not _annotation_ok(a):
+        return "malformed_annotation"
+    if not all(math.isfinite(v) for v in a["bbox"]):  # NaN/Infinity: Python's json.dump writes them
+        return "non_finite_box"
+    if a["id"] in first_with_id and _same_annotation(first_with_id[a["id"]], a):
+        return "duplicate_annotation"  # the same annotation listed twice
+    if a["image_id"] not in entries:
+        # an image entry that was rejected has its own row; its boxes are counted, not called unknown
+        return "image_rejected" if a["image_id"] in rejected_image_ids else "unknown_image"
+    if a["category_id"] not in label_of:
+        return "unknown_category"
+    return ""
+
+
+def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_size, rejects: _Rejects) -> int:
+    """Append each valid box (a _Box) to its image's list in `entries`; reject the rest. Returns how many kept
+    annotations reuse an id another one has (all are kept: the written ground truth renumbers them)."""
+    first_with_id: dict[int, dict] = {}
+    shared = 0
     for pos, a in enumerate(annotations):
-        ok = _annotation_ok(a)
-        image_id = a.get("image_id", "") if isinstance(a, dict) else ""
-        target = entries.get(image_id) if ok else None
-        if not ok:
-            reason = "malformed_annotation"
-        elif a["id"] in ann_seen:
-            reason = "duplicate_annotation_id"
-        elif target is None:
-            # an image entry that was rejected has its own row; its boxes are counted, not called unknown
-            reason = "image_rejected" if image_id in rejected_image_ids else "unknown_image"
-        elif a["category_id"] not in label_of:
-            reason = "unknown_category"
-        else:
+        reason = _annotation_reason(a, entries, rejected_image_ids, label_of, first_with_id)
+        if not reason:
+            target = entries[a["image_id"]]
             reason, box, clipped = _clip_box(a["bbox"], target[0], min_size)
-        if reason:
-            ann_id = a["id"] if isinstance(a, dict) and _is_int(a.get("id")) else f"#{pos}"
-            rejects.annotation(target[1] if target else "", image_id, ann_id, reason)
+        if reason and reason != "box_too_small":  # too small: still ground truth (its row comes with its image)
+            ok_id = isinstance(a, dict) and _is_int(a.get("id"))
+            image_id = a.get("image_id", "") if isinstance(a, dict) else ""
+            file = entries[image_id][1] if _is_int(image_id) and image_id in entries else ""
+            rejects.annotation(file, image_id, a["id"] if ok_id else f"#{pos}", reason)
             continue
-        ann_seen.add(a["id"])
-        target[2].append((a, box, clipped))
+        shared += a["id"] in first_with_id
+        first_with_id.setdefault(a["id"], a)
+        target[2].append(_Box(a, box, clipped))
+    return shared
 
 
 def _clip_box(bbox, im: dict, min_size: float) -> tuple[str, list | None, bool]:
-    """("", the box clipped to the image as rounded xywh, whether it was clipped) or (why it is dropped, None, False)."""
+    """("", the box clipped to the image as rounded xywh, whether it was clipped), ("box_too_small", None, False),
+    or (why the box is invalid, None, False)."""
     x, y, w, h = bbox
     x1, y1 = max(0.0, float(x)), max(0.0, float(y))
     x2, y2 = min(float(im["width"]), float(x + w)), min(float(im["height"]), float(y + h))
@@ -382,30 +459,43 @@ def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, reje
     """(index lines, GT images, GT annotations) of the images whose header matches their JSON size; an image
     whose file is bad or of another size is dropped with its boxes."""
     lines, gt_images, gt_anns = [], [], []
-    for (image_id, (im, file, anns)), (w, h, reason) in zip(entries.items(), probed, strict=True):
+    for (image_id, (im, file, boxes)), (w, h, reason) in zip(entries.items(), probed, strict=True):
         if not reason and (w, h) != (im["width"], im["height"]):
             reason = "size_mismatch"
         if reason:
             rejects.image(file, image_id, reason)
-            for a, _, _ in anns:  # dropped with their image
-                rejects.annotation(file, image_id, a["id"], "image_rejected")
+            for b in boxes:  # dropped with their image
+                rejects.annotation(file, image_id, b.ann["id"], "image_rejected")
             continue
-        crowd = [int(a.get("iscrowd", 0)) for a, _, _ in anns]
+        train = [b for b in boxes if b.train_box is not None]
+        crowd = [int(b.ann.get("iscrowd", 0)) for b in train]
         counts["images_kept"] += 1
-        counts["annotations_kept"] += len(anns)
+        counts["annotations_kept"] += len(train)
         counts["crowd_kept"] += sum(crowd)
-        counts["boxes_clipped"] += sum(c for _, _, c in anns)
+        counts["boxes_clipped"] += sum(b.clipped for b in train)
         lines.append(_dumps({
             "image_id": image_id, "file": file, "width": im["width"], "height": im["height"],
-            "boxes": [b for _, b, _ in anns], "category_ids": [a["category_id"] for a, _, _ in anns],
-            "labels": [label_of[a["category_id"]] for a, _, _ in anns], "iscrowd": crowd,
-            "ann_ids": [a["id"] for a, _, _ in anns]}))
+            "boxes": [b.train_box for b in train], "category_ids": [b.ann["category_id"] for b in train],
+            "labels": [label_of[b.ann["category_id"]] for b in train], "iscrowd": crowd,
+            "ann_ids": [b.ann["id"] for b in train]}))
+        for b in boxes:  # too small to learn from, yet scored against: the official ground truth has them
+            if b.train_box is None:
+                rejects.annotation(file, image_id, b.ann["id"], "box_too_small")
         gt_images.append(im)
-        for (a, b, _), c in zip(anns, crowd, strict=True):
-            area = finite_or_none(a.get("area"))
-            gt_anns.append({"id": a["id"], "image_id": image_id, "category_id": a["category_id"], "bbox": b,
-                            "area": area if area is not None and area > 0 else b[2] * b[3], "iscrowd": c})
+        start = len(gt_anns) + 1
+        gt_anns.extend([_gt_annotation(b.ann, start + k) for k, b in enumerate(boxes)])
+    counts["gt_annotations"] = len(gt_anns)
     return lines, gt_images, gt_anns
+
+
+def _gt_annotation(a: dict, new_id: int) -> dict:
+    """The evaluation entry of annotation `a`: its own box and area, as the official scoring reads them, under id
+    `new_id` (1..N: both COCO evaluators take id 0 for 'unmatched'); `source_id` is the dataset's id."""
+    x, y, w, h = a["bbox"]
+    area = finite_or_none(a.get("area"))
+    return {"id": new_id, "source_id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"],
+            "bbox": [x, y, w, h], "area": area if area is not None and area > 0 else w * h,
+            "iscrowd": int(a.get("iscrowd", 0))}
 
 
 def _probe_start(paths: list[str], pool, workers: int):

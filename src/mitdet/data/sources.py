@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from mitdet.data.download import prepare_coco2017
@@ -71,14 +72,25 @@ def fingerprint(images_dir: Path, annotations: Path) -> dict:
 
 
 def _walk_files(folder: Path) -> list[tuple[str, int, int]]:
-    """(path relative to `folder` with `/`, size, mtime_ns) of every file below it, sorted (deterministic)."""
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """(path relative to `folder` with `/`, size, mtime_ns) of every regular file below it, sorted (deterministic).
+
+    Symbolic links are followed, as the index follows them (a folder visited once: a link loop ends); FIFOs,
+    sockets and devices are skipped: reading one would block or never end."""
+    entries, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if os.path.isfile(path):
+            try:
                 st = os.stat(path)
+            except OSError:  # a dangling link: the index reports the file as missing
+                continue
+            if stat.S_ISREG(st.st_mode):
                 entries.append((Path(path).relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
     return sorted(entries)
 

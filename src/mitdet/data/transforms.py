@@ -13,11 +13,95 @@ Exact resume therefore needs the transform reseeded from (seed, epoch, sample in
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import threading
+
 import albumentations as A
 import cv2
 import numpy as np
 
+from mitdet.data.headers import open_regular, probe_fd
 from mitdet.params import AugmentParams, ModelParams
+
+# EXIF orientation is ignored: COCO boxes and the header sizes the index checked refer to the stored pixels
+READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# What libjpeg prints (and otherwise ignores) when the entropy-coded data is damaged: the image then decodes grey
+# or garbled past the damage, so it must be skipped, not trained on.
+JPEG_DAMAGE = (b"Corrupt JPEG data", b"Premature end of JPEG file", b"Inconsistent progression sequence")
+_stderr_lock = threading.Lock()
+_capture: tuple[int, int] | None = None  # (pid, fd)
+
+
+def decode_image(path: str, width: int | None = None, height: int | None = None) -> tuple[np.ndarray | None, str]:
+    """(HxWx3 uint8 RGB, "") or (None, why it cannot be used): not a regular file, a header other than
+    `width` x `height` (checked before decoding, so no absurd allocation), a decoder error, damaged JPEG data."""
+    fd, reason = open_regular(path)
+    if fd is None:
+        return None, reason.replace("_", " ")
+    try:
+        size = os.fstat(fd).st_size
+        w, h, reason = probe_fd(fd, size)
+        if reason:
+            return None, reason.replace("_", " ")
+        if width is not None and (w, h) != (width, height):
+            return None, f"is {w}x{h}, the index says {width}x{height}"
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    try:
+        with _libjpeg_messages() as messages:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), READ_FLAGS)
+    except (cv2.error, MemoryError) as err:
+        return None, f"cannot be decoded ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:120]})"
+    damage = [line for line in messages if line.startswith(JPEG_DAMAGE)]
+    if damage:
+        return None, f"holds damaged JPEG data ({damage[0].decode(errors='replace')})"
+    if image is None:
+        return None, "cannot be decoded"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ""
+
+
+@contextlib.contextmanager
+def _libjpeg_messages():
+    """Collect what the decoder writes to file descriptor 2 (libjpeg's only way to report damaged data) into the
+    yielded list of lines; lines that are not libjpeg's damage reports go on to the real stderr."""
+    lines: list[bytes] = []
+    with _stderr_lock:
+        capture = _capture_file()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to collect
+            yield lines
+            return
+        os.dup2(capture, 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            written = os.lseek(capture, 0, os.SEEK_CUR)
+            text = os.pread(capture, written, 0) if written else b""
+            os.ftruncate(capture, 0)
+            os.lseek(capture, 0, os.SEEK_SET)
+            lines.extend(text.splitlines())
+            other = b"".join(line + b"\n" for line in lines if not line.startswith(JPEG_DAMAGE))
+            if other:
+                os.write(2, other)
+
+
+def _capture_file() -> int:
+    """This process's scratch file for `_libjpeg_messages` (a fork gets its own: a shared offset would mix them)."""
+    global _capture
+    if _capture is None or _capture[0] != os.getpid():
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("mitdet-decode", os.MFD_CLOEXEC)
+        else:
+            fd, name = tempfile.mkstemp(prefix="mitdet-decode-")
+            os.unlink(name)
+        _capture = (os.getpid(), fd)
+    return _capture[1]
 
 
 def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
