@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from mitdet import stage
 from mitdet.params import load_params
@@ -22,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(params.evaluate.threads)
 
     from mitdet.engine.evaluate import evaluate_backbone  # torch: imported once the arguments are known good
-    metrics = evaluate_backbone(args.backbone, params.evaluate, inference=params.model, seed=params.seed,
-                                progress=sys.stderr.isatty())
+    from mitdet.engine.stopping import locked
+    from mitdet.paths import BackbonePaths
+    # one evaluation of a backbone at a time (an orphaned one beside a new `dvc repro` would write the same files)
+    with locked(Path(BackbonePaths(args.backbone).checkpoints), name=".evaluate.lock", who="evaluation"):
+        metrics = evaluate_backbone(args.backbone, params.evaluate, inference=params.model, seed=params.seed,
+                                    progress=sys.stderr.isatty())
     print(json.dumps(metrics, indent=2))
     return 0
 

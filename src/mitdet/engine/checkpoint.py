@@ -138,14 +138,14 @@ def load(path: str | Path) -> dict:
                               fix="move it away to start fresh") from None
 
 
-def set_aside(path: str | Path, reason: str) -> Path:
+def set_aside(path: str | Path, reason: str, then: str = "training starts fresh") -> Path:
     """Rename `path` to `<name>.stale-<UTC time>` (the newest such copy only is kept) and say so in one log line."""
     path = Path(path)
     for older in path.parent.glob(f"{path.name}.stale-*"):
         older.unlink(missing_ok=True)
     dest = path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     path.replace(dest)
-    log.warning("%s does not match this run (%s): moved to %s, training starts fresh", path, reason, dest.name)
+    log.warning("%s cannot be resumed (%s): moved to %s, %s", path, reason, dest.name, then)
     return dest
 
 
@@ -164,6 +164,24 @@ def load_matching(path: str | Path, fp: dict) -> dict | None:
         set_aside(path, "changed: " + (", ".join(fingerprint_diff(old, fp)) or "fingerprint"))
         return None
     return state
+
+
+def load_resumable(directory: str | Path, fp: dict) -> tuple[dict | None, Path | None]:
+    """The state to resume from and its file: last.pt when it matches `fp`, else (an unreadable last.pt, set
+    aside) the newest epoch_NNN.pt of the same run: an intact copy made as its epoch ended."""
+    directory = Path(directory)
+    state = load_matching(directory / "last.pt", fp)
+    if state is not None:
+        return state, directory / "last.pt"
+    for path in sorted(directory.glob("epoch_*.pt"), reverse=True):
+        try:
+            state = load(path)
+        except CheckpointError:
+            continue
+        if state.get("fingerprint", {}).get("hash") == fp["hash"]:
+            log.warning("resuming from %s, the newest intact checkpoint of this run", path)
+            return state, path
+    return None, None
 
 
 def prune_periodic(directory: str | Path, keep: int) -> None:

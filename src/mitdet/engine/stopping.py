@@ -40,18 +40,36 @@ def until_stopped(batches, stop_flag: "StopFlag"):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish the current step and save; a second signal stops at once."""
+    """SIGINT/SIGTERM ask the loop to finish the current step and save; a second signal stops at once.
 
-    def __init__(self):
+    Under DVC (DVC_STAGE set) the parent going away counts as SIGTERM: DVC passes on SIGINT only, so a SIGTERM
+    to `dvc repro` would otherwise leave the stage training on, orphaned, beside the next `dvc repro`.
+    """
+
+    PARENT_POLL_S = 1.0
+
+    def __init__(self, watch_parent: bool | None = None):
         self.signum: int | None = None
         self._old = {}
+        self._watch = bool(os.environ.get("DVC_STAGE")) if watch_parent is None else watch_parent
+        self._done = threading.Event()
 
     def __enter__(self):
         self.pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
+        if self._watch:
+            threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True).start()
         return self
+
+    def _watch_parent(self, parent: int) -> None:
+        while not self._done.wait(self.PARENT_POLL_S):
+            if os.getppid() != parent and self.signum is None:
+                self.signum = signal.SIGTERM
+                log.warning("the parent process (%d) is gone: finishing the current step, then saving last.pt",
+                            parent)
+                return
 
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a loader worker forked with this handler: the main process stops it
@@ -62,23 +80,25 @@ class StopFlag:
         log.warning("%s received: finishing the current step, then saving last.pt", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
+        self._done.set()
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
 
 
 @contextlib.contextmanager
-def locked(directory: Path, enabled: bool = True):
-    """An exclusive lock on the checkpoint folder: a second trainer (e.g. a second `dvc repro`) fails at once."""
+def locked(directory: Path, enabled: bool = True, name: str = ".lock", who: str = "trainer"):
+    """An exclusive lock file in `directory`: a second trainer (or evaluation) of the same backbone, e.g. from a
+    second `dvc repro` beside an orphaned one, fails at once instead of writing the same files."""
     if not enabled:
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+    with open(directory / name, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise TrainingError("another trainer is running on this folder (its .lock is held)",
+            raise TrainingError(f"another {who} is running on this folder (its {name} is held)",
                                 where=str(directory), fix="wait for it or stop it first") from None
         yield
 

@@ -204,7 +204,11 @@ def _resume_point(ck_dir: Path, fp: dict, main: bool) -> dict | None:
     others; without a matching last.pt, an earlier run's best.pt and epoch_NNN.pt are removed."""
     state, path = None, None
     if main:
-        state, path = ckpt.load_matching(ck_dir / "last.pt", fp), ck_dir / "last.pt"
+        state, path = ckpt.load_resumable(ck_dir, fp)
+        if state is not None and _best_is_missing(state, ck_dir):
+            ckpt.set_aside(path, "finished, but its final weights were best.pt, which is gone",
+                           then="looking for a stored finished run of these params, else training again")
+            state = None
         if state is None:
             for stale in [ck_dir / "best.pt", *ck_dir.glob("epoch_*.pt")]:
                 if stale.exists():
@@ -217,6 +221,13 @@ def _resume_point(ck_dir: Path, fp: dict, main: bool) -> dict | None:
     if path is not None and not main:
         state = ckpt.load(path)
     return state
+
+
+def _best_is_missing(state: dict, ck_dir: Path) -> bool:
+    """A finished last.pt whose final weights are best.pt's, without best.pt (a stored finished run of the
+    same params, holding its final weights, is looked up next)."""
+    return state["finished"] and state["result"].get("weights_from") == "best" and not (ck_dir / "best.pt").exists() \
+        and not state.get("final_weights", False)
 
 
 def _training_batches(data: Data, split, train: TrainParams, saved: dict | None, loader_args: dict) -> int:
@@ -483,8 +494,11 @@ def validate(model, loader, device, amp: str, label_to_category: dict, gt, step:
     """
     with ckpt.preserved_rng():
         results, stats = predict(model, loader, device, label_to_category, amp=amp, progress=False)
-        scores = score(gt, results, image_ids=stats["image_ids"])
+        scores = score(gt, results, image_ids=stats["image_ids"]) if stats["images"] else None
     model.train()
+    if scores is None:  # nothing to validate on: no AP, not AP 0
+        log.warning("validation at step %d: the validation split has no images; no AP recorded", step)
+        return {"AP": None, "AP50": None, "AP75": None}
     s = {k: float(scores.summary.get(k) or 0.0) for k in ("AP", "AP50", "AP75")}
     ranked = sorted(((v["AP"], name) for name, v in scores.per_class.items() if v.get("AP") is not None),
                     reverse=True)
@@ -507,9 +521,11 @@ def validate_now(run: Run, state: RunState, epoch: int) -> tuple[dict, bool]:
                           run.data.val_gt, step)
     result = distributed.broadcast_object(result)
     state.last_val_step = step
-    is_best, stop = state.monitor.validated(result[name], step, epoch)
-    state.schedule.observe(result[name])
-    state.early_stopped = state.early_stopped or stop
+    is_best = False
+    if result[name] is not None:
+        is_best, stop = state.monitor.validated(result[name], step, epoch)
+        state.schedule.observe(result[name])
+        state.early_stopped = state.early_stopped or stop
     if run.main:
         state.histories.val.append({"step": step, "epoch": epoch, **result})
         if is_best:
