@@ -38,7 +38,8 @@ from mitdet.engine.stopping import Interrupted, StopFlag, locked, until_stopped
 from mitdet.errors import TrainingError
 from mitdet.io import write_json
 from mitdet.models import build_detector, count_parameters
-from mitdet.models.bundle import inference_spec, save_inference_model
+from mitdet.models.bundle import inference_spec, init_from_model, save_inference_model
+from mitdet.models.pretrained import is_detector_folder, pretrained_for
 from mitdet.params import ModelParams, TrainParams
 from mitdet.paths import BackbonePaths
 
@@ -172,6 +173,7 @@ def set_up(backbone, train, model, seed, index_dir, out, hooks) -> tuple[Run, Ru
     seed_everything(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     det = hooks.build_model(backbone, num_classes=len(data.categories) + 1, model=model,
                             train_min_sizes=tuple(train.augment.multi_scale) or None)
+    start_from_trained_model(det, backbone, model, data.categories)
     det.to(device)  # build_detector applies model.channels_last and model.compile (in place)
     optimizer = build_optimizer(det, train)
     state = RunState(model=det, optimizer=optimizer,
@@ -185,6 +187,16 @@ def set_up(backbone, train, model, seed, index_dir, out, hooks) -> tuple[Run, Ru
                      plan.total_steps, state.epoch, state.batch_in_epoch)
     _validation_data(run, index_dir, train_split, loader_args)
     return run, state, saved or {}
+
+
+def start_from_trained_model(det: nn.Module, backbone: str, model: ModelParams, categories: list) -> None:
+    """When `model.pretrained` names a trained mitdet model folder: start from all of its weights (the box
+    predictor rebuilt when the categories differ). Encoder checkpoints are loaded by build_detector."""
+    source = pretrained_for(model.pretrained, backbone) if model.pretrained else None
+    if source and is_detector_folder(source):
+        rebuilt = init_from_model(det, source, categories)
+        log.info("starting from the trained model in %s%s", source,
+                 ": its box predictor is rebuilt for these categories (they differ)" if rebuilt else "")
 
 
 def _device_and_ranks(train: TrainParams) -> tuple[torch.device, distributed.Dist]:

@@ -131,3 +131,31 @@ def load_inference_model(model_dir: str | os.PathLike, device: str | torch.devic
         raise CheckpointError(f"does not fit the {spec['backbone']} detector that {SPEC_FILE} describes: "
                               f"{_mismatch_summary(err)}", where=str(weights_path), fix=fix) from None
     return model.to(device).eval(), spec
+
+
+PREDICTOR_PREFIX = "roi_heads.box_predictor."  # the class-specific layers: rebuilt for new categories
+
+
+def init_from_model(detector: nn.Module, model_dir: str | os.PathLike, categories: Iterable) -> bool:
+    """Start `detector` from the trained model in `model_dir`: every weight loaded, except the box predictor
+    when the categories (id, name) differ, which keeps its fresh init. Returns whether it was kept."""
+    model_dir = Path(model_dir)
+    spec = _read_spec(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # SafetensorError, OSError
+        raise CheckpointError(f"not a readable safetensors file ({err})", where=str(weights),
+                              fix="point model.pretrained at a trained model folder") from None
+    own = [(int(c.id), str(c.name)) for c in categories]
+    same = own == [(int(c["id"]), str(c["name"])) for c in spec["categories"]]
+    if not same:
+        state = {k: v for k, v in state.items() if not k.startswith(PREDICTOR_PREFIX)}
+        state.update({k: v for k, v in detector.state_dict().items() if k.startswith(PREDICTOR_PREFIX)})
+    try:
+        load_state_dict_strict(detector, state, f"{model_dir} (a {spec['backbone']} model)")
+    except CheckpointMismatchError as err:
+        raise CheckpointError(f"does not fit this detector: {_mismatch_summary(err)}", where=str(weights),
+                              fix="start from a model of the same backbone and model settings") from None
+    return not same
+

@@ -15,7 +15,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mitdet.models.mit import build_mit
-from mitdet.models.pretrained import load_pretrained
+from mitdet.models.pretrained import is_detector_folder, load_pretrained, pretrained_for
 from mitdet.params import ModelParams
 
 # MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.
@@ -67,10 +67,11 @@ class DetectorTransform(GeneralizedRCNNTransform):
 
 
 def build_backbone(backbone: str, model: ModelParams) -> BackboneWithFPN:
-    """The MiT encoder (pretrained weights loaded when `model.pretrained` is set) under an FPN."""
+    """The MiT encoder (encoder weights loaded when `model.pretrained` names them) under an FPN."""
     encoder = build_mit(backbone, drop_path_rate=model.drop_path_rate, frozen_stages=model.frozen_stages)
-    if model.pretrained:
-        load_pretrained(encoder, model.pretrained)
+    source = pretrained_for(model.pretrained, backbone) if model.pretrained else None
+    if source and not is_detector_folder(source):  # a trained detector is loaded whole, once it is built
+        load_pretrained(encoder, source)
     return BackboneWithFPN(encoder, model.fpn_channels, channels_last=model.channels_last)
 
 

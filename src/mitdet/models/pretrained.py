@@ -103,6 +103,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MITDET_CACHE") or Path.home() / ".cache" / "mitdet" / "weights")
 
 
+def pretrained_for(pretrained: str, backbone: str) -> str:
+    """`model.pretrained` for one backbone: `{backbone}` becomes `mit_b0`, `{backbone_dashed}` `mit-b0` (so one
+    value names six files, e.g. `weights/{backbone}.pth` or a folder per `nvidia/{backbone_dashed}`)."""
+    return pretrained.replace("{backbone}", backbone).replace("{backbone_dashed}", backbone.replace("_", "-"))
+
+
+def is_detector_folder(path_or_url: str) -> bool:
+    """A trained mitdet model folder (`model.json` beside its weights): it starts the whole detector
+    (models/bundle.py `init_from_model`), not the encoder alone."""
+    path = Path(path_or_url).expanduser()
+    return path.is_dir() and (path / "model.json").is_file()
+
+
 def fetch(path_or_url: str, cache: str | os.PathLike | None = None, timeout_s: float = 60.0) -> Path:
     """A local file for `path_or_url`: the path itself (a Hugging Face model folder: its weights file), or the
     URL downloaded once into the cache."""
