@@ -95,3 +95,20 @@ def test_one_pretrained_value_names_each_backbones_file():
     assert pretrained_for("weights/{backbone}.pth", "mit_b3") == "weights/mit_b3.pth"
     assert pretrained_for("hf/nvidia/{backbone_dashed}", "mit_b5") == "hf/nvidia/mit-b5"
     assert pretrained_for("/data/mit_b0.pth", "mit_b2") == "/data/mit_b0.pth"
+
+
+def test_a_loaded_model_predicts_exactly_as_the_one_saved(source):
+    """load_inference_model builds on the meta device (no random init) and assigns the weights: same outputs."""
+    model_dir, _ = source
+    trained, spec = load_inference_model(model_dir)
+    from mitdet.params import model_params_from_dict
+    reference = build_detector(B, spec["num_classes"], model_params_from_dict(spec["model"]))
+    from safetensors.torch import load_file
+    reference.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    reference.eval()
+    for m in (trained, reference):
+        m.roi_heads.score_thresh = 0.0  # a full list of detections to compare
+    images = [torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        a, b = trained(images)[0], reference(images)[0]
+    assert len(a["boxes"]) > 0 and all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from mitdet.errors import CheckpointError
 from mitdet.io import atomic_path, read_json, write_json
@@ -114,7 +115,8 @@ def load_inference_model(model_dir: str | os.PathLike, device: str | torch.devic
     try:
         # the weights are all in the file: no pretrained download, no compile for plain inference
         params = dataclasses.replace(model_params_from_dict(spec["model"]), pretrained=None, compile=False)
-        model = build_detector(spec["backbone"], spec["num_classes"], params)
+        with torch.device("meta"):  # no random init that the weights would overwrite (seconds for mit_b5)
+            model = build_detector(spec["backbone"], spec["num_classes"], params)
     except (ValueError, TypeError, KeyError) as err:  # ParamsError is a ValueError; unknown backbone, bad sizes
         raise CheckpointError(f"does not describe a detector this code builds ({err})", where=str(spec_path),
                               fix=fix) from None
@@ -126,11 +128,26 @@ def load_inference_model(model_dir: str | os.PathLike, device: str | torch.devic
     except Exception as err:  # SafetensorError (truncated, not safetensors), OSError
         raise CheckpointError(f"not a readable safetensors file ({err})", where=str(weights_path), fix=fix) from None
     try:
-        load_state_dict_strict(model, state, str(weights_path))
+        load_state_dict_strict(model, state, str(weights_path), assign=True)
     except CheckpointMismatchError as err:
         raise CheckpointError(f"does not fit the {spec['backbone']} detector that {SPEC_FILE} describes: "
                               f"{_mismatch_summary(err)}", where=str(weights_path), fix=fix) from None
+    _materialise(model, params)
     return model.to(device).eval(), spec
+
+
+def _materialise(model: nn.Module, params: ModelParams) -> None:
+    """After an assigning load into a meta-built detector: the anchors (plain tensor attributes, not state) made
+    again, and the memory format `model.channels_last` asks for."""
+    for module in model.modules():
+        if isinstance(module, AnchorGenerator):
+            module.cell_anchors = [module.generate_anchors(s, a) for s, a in zip(module.sizes, module.aspect_ratios,
+                                                                                  strict=True)]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"bug: tensors left on the meta device after loading: {left[:5]}")
+    if params.channels_last:
+        model.to(memory_format=torch.channels_last)
 
 
 PREDICTOR_PREFIX = "roi_heads.box_predictor."  # the class-specific layers: rebuilt for new categories

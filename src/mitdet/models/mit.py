@@ -154,7 +154,8 @@ class MixVisionTransformer(nn.Module):
         self.frozen_stages = frozen_stages
         self.out_channels = list(cfg.embed_dims)
         self.strides = [4, 8, 16, 32]
-        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths)).tolist()  # deeper blocks drop more
+        # deeper blocks drop more; on the CPU even when the model is built on the meta device (load without init)
+        rates = torch.linspace(0, drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         chans = [in_chans, *cfg.embed_dims[:-1]]
         start = 0
         for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths, strict=True), start=1):

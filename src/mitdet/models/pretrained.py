@@ -228,8 +228,9 @@ def guess_variant(state: dict[str, Tensor]) -> str | None:
     return next((name for name, c in MIT_CONFIGS.items() if (c.embed_dims, c.depths) == (dims, depths)), None)
 
 
-def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Copy `state` into `module`, or raise CheckpointMismatchError listing every difference."""
+def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: str, assign: bool = False) -> None:
+    """Copy `state` into `module` (`assign`: use its tensors, as a model built on the meta device needs), or raise
+    CheckpointMismatchError listing every difference."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -238,7 +239,7 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, Tensor], source: 
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, getattr(module, "name", type(module).__name__),
                                       missing, unexpected, mismatched, guess_variant(state))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def load_pretrained(encoder: nn.Module, path_or_url: str, cache: str | os.PathLike | None = None) -> None:
