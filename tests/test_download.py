@@ -6,7 +6,9 @@ import http.server
 import io
 import json
 import threading
+import time
 import zipfile
+from collections import namedtuple
 from pathlib import Path
 
 import cv2
@@ -17,12 +19,17 @@ from mitdet.data.download import (ChecksumError, DownloadError, Expected, Unsafe
                                   download_file, prepare_coco2017, safe_extract)
 from mitdet.params import Coco2017Params
 
+shutil_usage = namedtuple("shutil_usage", "total used free")
+
 
 class Server:
     """Serves `files` (url path -> bytes) with HTTP Range; `cut[path] = n` closes the first response after n bytes."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.cut, self.requests = files, {}, []
+        # per path: sent without Content-Length (ends when the connection closes); one byte every `trickle[p]`
+        # seconds; `extra[p]` bytes of junk past the body (and announced in Content-Length)
+        self.no_length, self.trickle, self.extra = set(), {}, {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,13 +55,27 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
+                extra = b"\0" * server.extra.get(self.path, 0)
+                if self.path not in server.no_length:
+                    self.send_header("Content-Length", str(len(body) + len(extra) - start))
                 self.end_headers()
                 n = server.cut.pop(self.path, None)
-                self.wfile.write(body[start:start + n] if n is not None else body[start:])
+                if self.path in server.trickle:
+                    self._trickle(body[start:], server.trickle[self.path])
+                    return
+                self.wfile.write((body[start:start + n] if n is not None else body[start:]) + extra)
                 if n is not None:
                     self.wfile.flush()
                     self.close_connection = True  # the connection drops mid-body
+
+            def _trickle(self, data: bytes, every_s: float):
+                for i in range(len(data)):
+                    try:
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                    time.sleep(every_s)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -268,3 +289,104 @@ def test_stale_part_larger_than_expected_starts_over(server, tmp_path):
     download_file(f"{server.url}/z.bin", tmp_path / "z.bin", Expected(size=len(body), md5=hashlib.md5(body).hexdigest()),
                   retries=0, progress=False)
     assert (tmp_path / "z.bin").read_bytes() == body and server.requests == [("/z.bin", None)]
+
+
+# ------------------------------------------------------------------------------ servers and archives that misbehave
+def test_a_trickling_server_is_a_stall_not_a_wait(server, tmp_path):
+    """One byte every 50 ms never trips a socket timeout; the rate check gives up after about timeout_s."""
+    server.files["/slow.bin"] = b"s" * 10_000
+    server.trickle["/slow.bin"] = 0.05
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"slow\.bin: failed after 0 retries \(stalled: .* bytes in") as err:
+        download_file(f"{server.url}/slow.bin", tmp_path / "slow.bin", Expected(size=10_000), retries=0,
+                      timeout_s=0.5, progress=False)
+    assert time.monotonic() - t0 < 5
+    assert "resume" in str(err.value) and not (tmp_path / "slow.bin").exists()
+
+
+def test_a_server_sending_more_than_expected_is_cut_at_the_expected_size(server, tmp_path):
+    body = np.random.default_rng(2).bytes(50_000)
+    server.files["/big.zip"] = body
+    server.extra["/big.zip"] = 3_000_000  # announced too
+    dest = download_file(f"{server.url}/big.zip", tmp_path / "big.zip",
+                         Expected(size=len(body), md5=hashlib.md5(body).hexdigest()), retries=0, progress=False)
+    assert dest.read_bytes() == body
+    # no size known and no Content-Length: the cap holds, the partial file never grows past it
+    server.files["/endless.jpg"] = b"e" * 200_000
+    server.no_length.add("/endless.jpg")
+    with pytest.raises(DownloadError, match=r"endless\.jpg: larger than 10000 bytes"):
+        download_file(f"{server.url}/endless.jpg", tmp_path / "endless.jpg", retries=0, progress=False,
+                      max_bytes=10_000)
+    assert (tmp_path / "endless.jpg.part").stat().st_size == 10_000 and not (tmp_path / "endless.jpg").exists()
+
+
+def _damaged(jpeg: bytes) -> bytes:
+    """`jpeg` with part of its entropy-coded data zeroed, end marker kept: decodes, but grey past the damage."""
+    sos = jpeg.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big") + 100
+    return jpeg[:start] + bytes(min(2000, len(jpeg) - start - 200)) + jpeg[start + min(2000, len(jpeg) - start - 200):]
+
+
+def test_subset_images_cut_short_without_length_or_damaged_are_not_kept(server, tmp_path):
+    server.files.update(_coco_mirror(n_train=3, n_val=3))
+    path = "/train2017/000000000001.jpg"
+    server.no_length.add(path)
+    server.cut[path] = len(server.files[path]) // 2  # looks complete: the connection just ends
+    cfg = Coco2017Params(base_url=server.url, download_dir=str(tmp_path / "coco"), subset=2, retries=1, timeout_s=10)
+    splits = prepare_coco2017(cfg, seed=0, checksums=_sums(server.files), progress=False)
+    got = Path(splits["train"]["images"]) / "000000000001.jpg"
+    assert got.read_bytes() == server.files[path]  # the cut copy was refused and fetched again
+    assert [p for p, _ in server.requests].count(path) == 2
+    # a damaged image (end marker kept) fails every try: an error, and nothing under its name
+    server.files[path] = _damaged(server.files[path])
+    got.write_bytes(server.files[path][:500])  # an earlier run's truncated copy is not trusted either
+    with pytest.raises(DownloadError, match=r"000000000001\.jpg: failed after 1 retries .*damaged JPEG data"):
+        prepare_coco2017(cfg, seed=0, checksums=_sums(server.files), progress=False)
+    assert not got.exists() and not got.with_name(got.name + ".part").exists()
+
+
+def test_archive_entries_named_dot_or_climbing_back_are_refused(tmp_path):
+    target = tmp_path / "out"
+    for name in (".", "sub/..", "a//b.jpg", "sub/./x.jpg"):
+        archive = tmp_path / "odd.zip"
+        archive.write_bytes(_zip({"ok.jpg": b"fine", name: b"data"}))
+        with pytest.raises(UnsafeArchiveError, match=r"odd\.zip: entry .* part"):
+            safe_extract(archive, target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.zip", "out"] and not any(target.iterdir())
+
+
+def test_zip_bomb_and_archives_larger_than_the_disk_are_refused(tmp_path, monkeypatch):
+    import mitdet.data.download as download
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(8 << 20))
+    (tmp_path / "bomb.zip").write_bytes(buf.getvalue())
+    with pytest.raises(UnsafeArchiveError, match=r"bomb\.zip: entry 'zeros\.bin' expands \d+ times"):
+        safe_extract(tmp_path / "bomb.zip", tmp_path / "out")
+    assert not (tmp_path / "out" / "zeros.bin").exists()
+    (tmp_path / "plain.zip").write_bytes(_zip({"a.jpg": b"x" * 5000}))
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: shutil_usage(total=10**6, used=10**6 - 100, free=100))
+    with pytest.raises(DownloadError, match=r"plain\.zip: extracting needs .* GB are free"):
+        safe_extract(tmp_path / "plain.zip", tmp_path / "out")
+    assert not (tmp_path / "out" / "a.jpg").exists()
+
+
+def test_deleted_files_are_extracted_again_not_an_endless_error(server, tmp_path):
+    server.files.update(_coco_mirror())
+    cfg = Coco2017Params(base_url=server.url, download_dir=str(tmp_path / "coco"), retries=0, timeout_s=10)
+    kw = dict(checksums=_sums(server.files), expected_counts={"train": 3, "val": 2}, progress=False)
+    splits = prepare_coco2017(cfg, seed=0, **kw)
+    image = Path(splits["train"]["images"]) / "000000000002.jpg"
+    original = image.read_bytes()
+    image.unlink()
+    Path(splits["val"]["annotations"]).unlink()
+    n = len(server.requests)
+    assert prepare_coco2017(cfg, seed=0, **kw) == splits
+    assert image.read_bytes() == original and Path(splits["val"]["annotations"]).is_file()
+    assert len(server.requests) == n  # from the kept zips: nothing downloaded
+    # the zip deleted too: downloaded again, then extracted
+    image.unlink()
+    for p in (tmp_path / "coco" / "zips").glob("train2017.zip*"):
+        p.unlink()
+    prepare_coco2017(cfg, seed=0, **kw)
+    assert image.read_bytes() == original and server.requests[n:] == [("/zips/train2017.zip", None)]
