@@ -382,3 +382,11 @@ def test_the_fingerprinted_code_is_the_train_stage_code_dependency():
     code_deps = {d for d in stage["deps"] if d.startswith("src/mitdet/")}
     assert code_deps == {f"src/mitdet/{p}" for p in paths.TRAIN_CODE}
     assert not hasattr(ckpt, "TRAIN_CODE")  # one list: the fingerprint hashes paths.TRAIN_CODE
+
+
+def test_compile_is_refused_for_cpu_training_before_any_work(run_dir, index_dir):
+    from mitdet.errors import ParamsError
+    model = dataclasses.replace(tiny_model(), compile=True)
+    with pytest.raises(ParamsError, match="model.compile: torch.compile is not supported for training on the CPU"):
+        train(B, tiny_train(), model, seed=0, index_dir=index_dir)
+    assert not Path(BackbonePaths(B).checkpoints, "last.pt").exists()

@@ -35,7 +35,7 @@ from mitdet.engine.optim import Schedule, build_optimizer
 from mitdet.engine.scoring import load_coco, score
 from mitdet.engine.state import LossSums, Plan, RunState, make_plan
 from mitdet.engine.stopping import Interrupted, StopFlag, locked, until_stopped
-from mitdet.errors import TrainingError
+from mitdet.errors import ParamsError, TrainingError
 from mitdet.io import write_json
 from mitdet.models import build_detector, count_parameters
 from mitdet.models.bundle import inference_spec, init_from_model, save_inference_model
@@ -161,6 +161,11 @@ def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, inde
 def set_up(backbone, train, model, seed, index_dir, out, hooks) -> tuple[Run, RunState, dict]:
     """Device, data, plan and model; the run's state, restored from a matching `last.pt` (also returned)."""
     device, dist_info = _device_and_ranks(train)
+    if model.compile and device.type == "cpu":
+        # torch 2.14's Inductor fails on the backbone's symbolic input sizes in CPU training (and with static
+        # shapes its steady steps were slower than eager): refuse it before any work rather than after a minute
+        raise ParamsError("torch.compile is not supported for training on the CPU", where="model.compile",
+                          fix="set model.compile: false (it is meant for CUDA)")
     train_split = load_split(index_dir, "train")
     fp = ckpt.fingerprint(train, model, seed, index_dir, {"backbone": backbone, "world_size": dist_info.world_size})
     saved = _resume_point(Path(out.checkpoints), fp, dist_info.is_main)
