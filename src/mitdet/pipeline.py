@@ -102,10 +102,10 @@ def report_outputs() -> dict:
         "metrics": [_metric(paths.REPORT_SUMMARY)],
         "plots": [
             _plot(f"{r}/ap_vs_params.csv", template="scatter_backbones", x="params_m", y="AP",
-                  title="AP against parameters (line: Pareto front)", x_label="parameters (millions)",
+                  title="AP against parameters (ringed: Pareto set)", x_label="parameters (millions)",
                   y_label=AP_AXIS),
             _plot(f"{r}/ap_vs_latency.csv", template="scatter_backbones", x="ms_per_image", y="AP",
-                  title="AP against latency (line: Pareto front)", x_label="latency (ms per image, batch 1)",
+                  title="AP against latency (ringed: Pareto set)", x_label="latency (ms per image, batch 1)",
                   y_label=AP_AXIS),
             _plot(f"{r}/per_class_ap.csv", template="grouped_bars", x="AP", y="class",
                   title="AP per class and backbone", x_label=AP_AXIS, y_label="class"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from mitdet.io import atomic_path, csv_text, read_json, write_json, write_text
 from mitdet.params import BACKBONE_NAMES, ReportParams
-from mitdet.paths import REPORT_JSON, REPORT_MD, REPORT_PLOTS, BackbonePaths
+from mitdet.paths import REPORT_JSON, REPORT_MD, REPORT_PLOTS, REPORT_SUMMARY, BackbonePaths
 
 ROW_KEYS = ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image", "train_minutes",
             "best_epoch", "train_images_per_s")
@@ -205,6 +205,12 @@ def _heatmap_png(table: dict, backbones: list[str], max_classes: int, path: Path
     _save_png(fig, path)
 
 
+def summary(out: dict[str, Any]) -> dict[str, Any]:
+    """summary.json, the report stage's DVC metric: the best backbone and its score."""
+    best, metric = out["best_backbone"], out["metric"]
+    return {"best_backbone": best, f"best_{metric}": out["backbones"][best][metric] if best else None}
+
+
 def build_report(backbones: list[str], report: ReportParams, root: str | Path = ".") -> dict[str, Any]:
     """Read metrics/ for `backbones` (params.backbones); write report.json, report.md and plots/report/."""
     root = Path(root)
@@ -222,6 +228,7 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
            "missing": [b for b, r in rows.items() if r["status"] != "ok"], "backbones": rows}
 
     write_json(root / REPORT_JSON, out)
+    write_json(root / REPORT_SUMMARY, summary(out))
     write_text(root / REPORT_MD, markdown(out))
 
     plots = root / REPORT_PLOTS
