@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 
 from mitdet.io import read_json, write_json
@@ -104,3 +105,37 @@ def test_nothing_evaluated_yet_reports_all_missing(tmp_path):
 def test_pareto_set_rules():
     pts = {"a": (1.0, 0.1), "b": (2.0, 0.3), "c": (2.0, 0.2), "d": (3.0, 0.3), "e": (None, 0.9)}
     assert pareto_set(pts) == ["a", "b"]  # c: same cost, lower AP; d: same AP, higher cost; e: no cost
+
+
+def test_heatmap_scale_is_fixed_at_0_to_1(project):
+    from mitdet.report import ap_by_class_and_backbone, collect, heatmap_figure
+
+    write_backbone(project, "mit_b0", ap=0.0025, ms=10.0, params_m=20.0)  # the best AP anywhere: still near 0
+    backbones = ["mit_b0"]
+    table = ap_by_class_and_backbone(backbones, collect(backbones, project), project)
+    fig = heatmap_figure(table, backbones, max_classes=10)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    assert "colour scale fixed at AP 0-1" in ax.get_title()
+    # the cell of AP 0.0025 is drawn in the bottom colour of the map, not the top one
+    cell = image.to_rgba(image.get_array())[0, 0]
+    assert np.allclose(cell, image.cmap(0.0), atol=0.01) and not np.allclose(cell, image.cmap(1.0), atol=0.1)
+
+
+def test_classes_at_ap_0_are_no_ap_yet_not_ranked_alphabetically(tmp_path):
+    zeros = {n: {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "recall": 0.0, "num_preds": 2, "num_gt": 3}
+             for n in ("apple", "banana", "cherry")}
+    write_backbone(tmp_path, "mit_b0", ap=0.2, ms=10.0, params_m=20.0, per_class={
+        **zeros, "zebra": {"AP": 0.4, "AP50": 0.5, "AP75": 0.3, "recall": 0.5, "num_preds": 3, "num_gt": 2},
+        "yak": {"AP": 0.1, "AP50": 0.2, "AP75": 0.0, "recall": 0.2, "num_preds": 3, "num_gt": 2}})
+    out = build_report(["mit_b0"], ReportParams(), root=tmp_path)
+    assert out["classes"] == {"best": [["zebra", 0.4], ["yak", 0.1]], "worst": [], "no_ap_yet":
+                              ["apple", "banana", "cherry"]}
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "Best: zebra (0.400), yak (0.100)." in md
+    assert "No AP yet (AP 0 on every evaluated backbone, 3 classes): apple, banana, cherry." in md
+    write_backbone(tmp_path, "mit_b0", ap=0.0, ms=10.0, params_m=20.0, per_class=zeros)
+    build_report(["mit_b0"], ReportParams(), root=tmp_path)
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "Best: none: no AP yet" in md and "apple (" not in md

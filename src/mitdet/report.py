@@ -15,6 +15,8 @@ from mitdet.paths import REPORT_JSON, REPORT_MD, REPORT_PLOTS, REPORT_SUMMARY, B
 
 ROW_KEYS = ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image", "train_minutes",
             "best_epoch", "train_images_per_s")
+CLASS_TABLE_K = 5  # best and worst classes listed in report.md
+HEATMAP_SCALE = (0.0, 1.0)  # AP's own range: a fixed scale keeps 0.0025 dark and makes runs comparable
 
 
 def _num(value) -> float | None:
@@ -87,6 +89,39 @@ def ap_by_class_and_backbone(backbones: list[str], rows: dict[str, dict],
     return table
 
 
+def class_ranking(table: dict[str, dict[str, Any]], backbones: list[str], k: int = CLASS_TABLE_K) -> dict[str, Any]:
+    """Best and worst `k` classes by mean AP over the backbones that scored them, [name, mean AP] each, and the
+    classes with no AP yet (AP 0 on every one: ties that no order ranks, so they are named, not ranked)."""
+    means = {}
+    for c, e in table.items():
+        v = [e[b] for b in backbones if e.get(b) is not None]
+        if v:
+            means[c] = sum(v) / len(v)
+    ranked = sorted((c for c, m in means.items() if m > 0), key=lambda c: (-means[c], c))
+    top = ranked[:k]
+    bottom = ranked[max(len(top), len(ranked) - k):][::-1]  # worst first, none repeated from the best
+    return {"best": [[c, means[c]] for c in top], "worst": [[c, means[c]] for c in bottom],
+            "no_ap_yet": sorted(c for c, m in means.items() if m == 0)}
+
+
+def _class_lines(classes: dict[str, Any] | None) -> list[str]:
+    """report.md's class section (none for a report.json written before it had `classes`)."""
+    if not classes:
+        return []
+    lines = ["", "### Classes (mean AP over the evaluated backbones)", ""]
+    if classes["best"]:
+        lines.append("Best: " + ", ".join(f"{c} ({_fmt(m)})" for c, m in classes["best"]) + ".")
+    else:
+        lines.append("Best: none: no AP yet (no class has AP above 0).")
+    if classes["worst"]:
+        lines.append("Worst: " + ", ".join(f"{c} ({_fmt(m)})" for c, m in classes["worst"]) + ".")
+    if classes["no_ap_yet"]:
+        names = classes["no_ap_yet"]
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+        lines.append(f"No AP yet (AP 0 on every evaluated backbone, {len(names)} classes): {shown}.")
+    return lines
+
+
 def _fmt(v, digits=3) -> str:
     if v is None:
         return "—"
@@ -123,6 +158,7 @@ def markdown(report: dict) -> str:
     missing = [f"{b} ({report['backbones'][b]['reason']})" for b in report["missing"]]
     if missing:
         lines.append(f"Missing: {'; '.join(missing)}.")
+    lines += _class_lines(report.get("classes"))
     lines.append("")
     lines.append("AP is COCO AP@[.50:.95] on the validation split; ms/image is batch-1 latency on the evaluating "
                  "device; GFLOPs at the model's input size (min_size x max_size).")
@@ -168,6 +204,11 @@ def _scatter_png(report: dict, x_key: str, x_label: str, front: list[str], front
 
 
 def _heatmap_png(table: dict, backbones: list[str], max_classes: int, path: Path) -> None:
+    _save_png(heatmap_figure(table, backbones, max_classes), path)
+
+
+def heatmap_figure(table: dict, backbones: list[str], max_classes: int):
+    """The per-class AP heatmap (classes x backbones) on the fixed 0-1 AP scale, as a matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,22 +228,22 @@ def _heatmap_png(table: dict, backbones: list[str], max_classes: int, path: Path
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * max(len(cols), 1), 1.2 + 0.28 * max(len(classes), 1)))
     if classes and cols:
         data = np.array([[np.nan if table[c].get(b) is None else table[c][b] for b in cols] for c in classes])
-        im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0.0, vmax=max(1e-6, float(np.nanmax(data))),
-                       aspect="auto")
+        lo, hi = HEATMAP_SCALE
+        im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(classes)), classes, fontsize=8)
         for i in range(len(classes)):
             for j in range(len(cols)):
                 if not np.isnan(data[i, j]):
                     ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if data[i, j] < 0.6 * np.nanmax(data) else "black")
+                            color="white" if data[i, j] < lo + 0.6 * (hi - lo) else "black")
         fig.colorbar(im, ax=ax, label="AP")
         shown = f"{len(classes)} most frequent of {total} classes" if len(classes) < total else f"{total} classes"
-        ax.set_title(f"AP per class ({shown}; blank: no GT)", fontsize=9)
+        ax.set_title(f"AP per class ({shown}; blank: no GT; colour scale fixed at AP {lo:g}-{hi:g})", fontsize=9)
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "no per-class metrics yet", ha="center", va="center", transform=ax.transAxes)
-    _save_png(fig, path)
+    return fig
 
 
 def summary(out: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +265,10 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
         r["pareto"] = (b in pareto) if measured else None
     ranked = [b for b, r in ok.items() if r[metric] is not None]
     best = max(ranked, key=lambda b: ok[b][metric]) if ranked else None  # ties: the first (smaller) backbone
+    table = ap_by_class_and_backbone(backbones, rows, root)
     out = {"metric": metric, "best_backbone": best, "pareto": pareto, "pareto_params": pareto_params,
-           "missing": [b for b, r in rows.items() if r["status"] != "ok"], "backbones": rows}
+           "missing": [b for b, r in rows.items() if r["status"] != "ok"], "backbones": rows,
+           "classes": class_ranking(table, backbones)}
 
     write_json(root / REPORT_JSON, out)
     write_json(root / REPORT_SUMMARY, summary(out))
@@ -241,7 +284,6 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
         ["backbone", "ms_per_image", "images_per_s", *keys, "pareto"],
         [[b, r["ms_per_image"], r["images_per_s"], *(r[k] for k in keys), int(b in pareto)]
          for b, r in ok.items() if r["ms_per_image"] is not None and r[metric] is not None]))
-    table = ap_by_class_and_backbone(backbones, rows, root)
     write_text(plots / "per_class_ap.csv", csv_text(
         ["class", "backbone", "AP"],
         [[c, b, e[b]] for c, e in table.items() for b in backbones if e.get(b) is not None]))

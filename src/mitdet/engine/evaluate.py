@@ -25,8 +25,9 @@ from mitdet.paths import INDEX_DIR, REJECTED_CSV, BackbonePaths
 
 log = logging.getLogger(__name__)
 
-EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "top10_mAP", "bottom10_mAP",
-             "ap_spread", "images_per_s", "ms_per_image", "params_m", "gflops", "num_images")
+# all 12 COCO stats in COCOeval.stats order, then the class spread, speed and size
+EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "top10_mAP",
+             "bottom10_mAP", "ap_spread", "images_per_s", "ms_per_image", "params_m", "gflops", "num_images")
 # scores.json, the evaluate stage's DVC metric: the accuracy keys people compare (timings and counts stay in eval.json)
 SCORE_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

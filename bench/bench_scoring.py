@@ -1,0 +1,393 @@
+"""Benchmark: COCO bbox scoring of a COCO-val-sized input, pycocotools against faster-coco-eval and `score`.
+
+    .venv/bin/python bench/bench_scoring.py [--images 5000] [--rounds 3] [--skip-pycocotools]
+
+Generates, deterministically and into a temporary folder, ground truth shaped like COCO val2017 (5,000 images,
+80 categories with COCO's ids, about 7.3 boxes per image, crowd regions, `area` unlike the box area as for
+segmented objects, two categories without ground truth, some images without any) and a detections file of 100
+per image (jittered and confused hits, duplicates, background boxes, scores rounded to 5 digits so ties occur).
+Times each scorer as a whole `python -c` process (imports and JSON reading included), interleaved for `--rounds`
+rounds, checks that the 12 stats agree, and prints the ratios and where the project's time goes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# COCO 2017's 80 category ids (1..90 with gaps) and names
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+COCO_NAMES = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign parking_meter "
+    "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
+    "skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard tennis_racket bottle "
+    "wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot hot_dog pizza donut cake "
+    "chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven "
+    "toaster sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush").split()
+NO_GT = (80, 89)  # toaster, hair drier: categories without ground truth, as rare classes are in small splits
+SIZES = [(640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (640, 360), (612, 612)]
+
+
+def _boxes(rng, n: int, w: int, h: int, area_range=(40, 120_000)) -> np.ndarray:
+    """n [x, y, w, h] boxes inside a w x h image, area log-uniform (COCO's small/medium/large mix)."""
+    area = np.minimum(np.exp(rng.uniform(*np.log(area_range), n)), 0.9 * w * h)
+    aspect = np.exp(rng.normal(0, 0.5, n))
+    bw = np.clip(np.sqrt(area * aspect), 2, w - 1)
+    bh = np.clip(area / bw, 2, h - 1)
+    return np.stack([rng.uniform(0, w - bw), rng.uniform(0, h - bh), bw, bh], axis=1)
+
+
+def make_ground_truth(n_images: int, seed: int = 0) -> dict:
+    """COCO-val-shaped ground truth of n_images images (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": i, "name": n.replace("_", " "), "supercategory": "thing"}
+            for i, n in zip(COCO_IDS, COCO_NAMES, strict=True)]
+    with_gt = np.array([i for i in COCO_IDS if i not in NO_GT])
+    freq = 1.0 / np.arange(1, len(with_gt) + 1) ** 0.9  # person-heavy, long tail
+    freq /= freq.sum()
+    ids = np.sort(rng.choice(np.arange(1, 600_000), n_images, replace=False))
+    images, anns = [], []
+    for image_id in ids.tolist():
+        w, h = SIZES[int(rng.integers(len(SIZES)))]
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": w, "height": h})
+        n = 0 if rng.random() < 0.01 else int(rng.poisson(7.3))
+        classes = rng.choice(with_gt, size=min(len(with_gt), 1 + int(rng.poisson(2))), replace=False, p=freq)
+        for box, cat in zip(_boxes(rng, n, w, h), rng.choice(classes, n), strict=True):
+            crowd = int(rng.random() < 0.01)
+            if crowd:
+                box = _boxes(rng, 1, w, h, (20_000, 150_000))[0]
+            box = np.round(box, 2).tolist()
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(cat), "bbox": box,
+                         "area": round(box[2] * box[3] * float(rng.uniform(0.45, 0.95)), 2), "iscrowd": crowd})
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def make_detections(gt: dict, per_image: int = 100, seed: int = 1) -> list[dict]:
+    """per_image detections for every image: hits (jittered, some of another class), duplicates, background."""
+    rng = np.random.default_rng(seed)
+    by_image: dict[int, list[dict]] = {}
+    for a in gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    cat_ids = np.array([c["id"] for c in gt["categories"]])
+    dets = []
+    for im in gt["images"]:
+        w, h = im["width"], im["height"]
+        rows = []
+        for a in by_image.get(im["id"], []):
+            x, y, bw, bh = a["bbox"]
+            for j in range(int(rng.integers(1, 5))):
+                s = 0.03 * (1 + 2 * j) * max(bw, bh)  # the first hit close, later ones looser
+                box = [x + rng.normal(0, s), y + rng.normal(0, s), bw * rng.uniform(0.85, 1.15),
+                       bh * rng.uniform(0.85, 1.15)]
+                cat = a["category_id"] if rng.random() > 0.15 else int(rng.choice(cat_ids))
+                rows.append((cat, box, rng.beta(4, 2) / (1 + j)))
+        n_bg = max(0, per_image - len(rows))
+        near = [a["category_id"] for a in by_image.get(im["id"], [])]
+        for box in _boxes(rng, n_bg, w, h):
+            cat = int(rng.choice(near)) if near and rng.random() < 0.5 else int(rng.choice(cat_ids))
+            rows.append((cat, box.tolist(), rng.beta(1, 6)))
+        rows.sort(key=lambda r: -r[2])
+        for cat, box, sc in rows[:per_image]:
+            bx = [round(max(0.0, box[0]), 2), round(max(0.0, box[1]), 2), round(box[2], 2), round(box[3], 2)]
+            dets.append({"image_id": im["id"], "category_id": int(cat), "bbox": bx, "score": round(float(sc), 5)})
+    return dets
+
+
+PROGRAMS = {
+    "pycocotools": """
+import contextlib, io, json, sys, time
+t0 = time.perf_counter()
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO(sys.argv[1]); dt = gt.loadRes(sys.argv[2])
+    ev = COCOeval(gt, dt, "bbox"); ev.evaluate(); ev.accumulate(); ev.summarize()
+print(json.dumps({"stats": [float(s) for s in ev.stats], "inner_s": time.perf_counter() - t0}))
+""",
+    "faster_coco_eval": """
+import json, sys, time
+t0 = time.perf_counter()
+from faster_coco_eval import COCO, COCOeval_faster
+gt = COCO(sys.argv[1]); dt = gt.loadRes(sys.argv[2])
+ev = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a: None); ev.evaluate(); ev.accumulate(); ev.summarize()
+print(json.dumps({"stats": [float(s) for s in ev.stats[:12]], "inner_s": time.perf_counter() - t0}))
+""",
+    "score": """
+import json, sys, time
+t0 = time.perf_counter()
+from mitdet.engine.scoring import STAT_KEYS, score
+s = score(sys.argv[1], sys.argv[2])
+print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
+                  "inner_s": time.perf_counter() - t0, "timings": s.timings}))
+""",
+}
+
+
+def run_process(name: str, gt_path: Path, det_path: Path) -> tuple[float, dict]:
+    """Wall seconds of one whole scoring process and what it printed."""
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PROGRAMS[name], str(gt_path), str(det_path)], check=True,
+                         capture_output=True, text=True)
+    return time.perf_counter() - t0, json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ in-process parts
+def _cpu(fn):
+    """(result, CPU seconds of this process): a figure the other jobs on shared cores disturb less than wall time."""
+    t = time.process_time()
+    out = fn()
+    return out, time.process_time() - t
+
+
+def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
+    """CPU seconds of the parts of faster-coco-eval's C++ evaluator on score's own inputs, and of an array core."""
+    import faster_coco_eval.faster_eval_api_cpp as _C
+    from faster_coco_eval.core.cocoeval import Params
+
+    from mitdet.engine import scoring as S
+
+    with S._no_gc():
+        coco_gt = S.load_coco(gt_path)
+        prep = coco_gt.mitdet_prepared
+        det = S._detection_arrays(S.read_results(det_path), str(det_path))
+        ids = prep.image_ids
+        rows = np.flatnonzero(S._scored(det, prep, ids, str(det_path))[1])
+        p = Params(iouType="bbox")
+        p.imgIds, p.catIds = ids.tolist(), prep.cat_ids.tolist()
+        pairs = S._DetectionPairs(prep, det, rows, ids, max_dets=p.maxDets[-1])
+        cpp_dt, t_dt = _cpu(lambda: pairs.cpp_dataset(det))
+        ious, t_iou = _cpu(lambda: pairs.cpp_ious(prep, det))
+        none = [[[]] * len(p.catIds) for _ in p.imgIds]
+        args = (p.imgIds, p.catIds, True)
+        out = {"detections to C++ dicts": t_dt, "IoUs as nested lists": t_iou,
+               "C++ evaluate+accumulate": _cpu(lambda: _C.COCOevalEvaluateAccumulate(p, ious, prep.cpp_gt, cpp_dt,
+                                                                                      *args))[1],
+               "  of it: empty image x class grid": _cpu(lambda: _C.COCOevalEvaluateAccumulate(
+                   p, none, _C.Dataset(), _C.Dataset(), *args))[1],
+               "  of it: detections alone, no GT": _cpu(lambda: _C.COCOevalEvaluateAccumulate(
+                   p, none, _C.Dataset(), cpp_dt, *args))[1]}
+        evaluated, out["C++ evaluate alone (matching)"] = _cpu(lambda: _C.COCOevalEvaluateImages(
+            p.areaRng, p.maxDets[-1], p.iouThrs, ious, prep.cpp_gt, cpp_dt, *args))
+        out["C++ accumulate alone"] = _cpu(lambda: _C.COCOevalAccumulate(copy.deepcopy(p), evaluated))[1]
+        ref = _C.COCOevalEvaluateAccumulate(p, ious, prep.cpp_gt, cpp_dt, *args)
+        (match, out["array core: matching"]) = _cpu(lambda: array_match(pairs, prep, det))
+        (prec, rec), out["array core: accumulation"] = _cpu(lambda: array_accumulate(pairs, prep, det, ids, *match))
+    out["array core max |difference|"] = max(_max_diff(prec[..., -1], np.asarray(ref["precision"])[..., -1]),
+                                             _max_diff(rec, np.asarray(ref["recall"])))
+    return out
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert ((a > -1) == (b > -1)).all(), "the array core marks other cells 'no ground truth'"
+    return float(np.abs(a - b).max())
+
+
+# ------------------------------------------------------------------------------------------ an array core
+# A prototype, not used by the project: COCOeval's bbox matching and accumulation over numpy arrays, to measure
+# what a core that never builds per-annotation Python objects costs. pycocotools' rules, vectorised across all
+# (image, category) pairs: greedy matching by detection rank, each detection taking the free GT of highest
+# priority (not ignored, then IoU, then later in the file; crowd regions never taken), then per class one sort.
+THRS = np.linspace(0.5, 0.95, 10)
+RECS = np.linspace(0.0, 1.0, 101)
+AREAS = [(0.0, 1e10), (0.0, 32.0 ** 2), (32.0 ** 2, 96.0 ** 2), (96.0 ** 2, 1e10)]
+MAX_DETS = [1, 10, 100]
+
+
+def _outside(area: np.ndarray) -> np.ndarray:
+    return np.stack([(area < lo) | (area > hi) for lo, hi in AREAS])  # [A, n]
+
+
+def _ranks(pair: np.ndarray) -> np.ndarray:
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.zeros(0, np.int64)
+    return np.arange(len(pair)) - np.repeat(starts, np.diff(np.r_[starts, len(pair)]))
+
+
+def _candidates(pairs, prep, det):
+    """Detection-GT entries of the same pair with IoU >= 0.5: (detection, GT position in its pair, GT, IoU)."""
+    from mitdet.engine.scoring import _bbox_iou
+
+    lo = np.searchsorted(pairs.g_pair, pairs.pair, "left")
+    n_gt = np.searchsorted(pairs.g_pair, pairs.pair, "right") - lo
+    d_idx = np.repeat(np.arange(len(pairs.pair)), n_gt)
+    offset = np.arange(len(d_idx)) - np.repeat(np.cumsum(n_gt) - n_gt, n_gt)
+    g_ann = pairs.g_rows[np.repeat(lo, n_gt) + offset]
+    iou = _bbox_iou(det.bbox[pairs.rows[d_idx]], prep.anns.bbox[g_ann], prep.anns.iscrowd[g_ann])
+    keep = iou >= THRS[0]
+    return d_idx[keep], offset[keep], g_ann[keep], iou[keep]
+
+
+def _priorities(d_idx, offset, iou, ignored) -> np.ndarray:
+    """Per area range, each entry's rank among its detection's entries in pycocotools' order of preference."""
+    first = np.searchsorted(d_idx, d_idx, "left")
+    key = np.empty(ignored.shape, np.int64)
+    for a in range(len(AREAS)):
+        o = np.lexsort((offset, iou, ~ignored[a], d_idx))
+        key[a, o] = np.arange(len(o)) - first[o]
+    return key
+
+
+def array_match(pairs, prep, det):
+    """(rank of each detection in its pair, matched [A, T, n], ignored [A, T, n])."""
+    rank = _ranks(pairs.pair)
+    d_idx, offset, g_ann, iou = _candidates(pairs, prep, det)
+    crowd = prep.anns.iscrowd[g_ann]
+    ignored = crowd[None] | _outside(prep.anns.area[g_ann])
+    key = _priorities(d_idx, offset, iou, ignored)
+    g_local = np.unique(g_ann, return_inverse=True)[1]
+    shape = (len(AREAS), len(THRS))
+    taken = np.zeros(shape + (g_local.max() + 1 if len(g_local) else 0,), bool)
+    matched, ign = np.zeros(shape + (len(rank),), bool), np.zeros(shape + (len(rank),), bool)
+    step = np.argsort(rank[d_idx], kind="stable")
+    bounds = np.searchsorted(rank[d_idx][step], np.arange(MAX_DETS[-1] + 1))
+    for r in range(MAX_DETS[-1]):  # rank by rank: one detection of each pair at a time, all pairs at once
+        e = step[bounds[r]:bounds[r + 1]]
+        if not len(e):
+            continue
+        dd, gl = d_idx[e], g_local[e]
+        segs = np.flatnonzero(np.r_[True, dd[1:] != dd[:-1]])
+        free = (iou[e] >= THRS[:, None])[None] & (crowd[e] | ~taken[:, :, gl])
+        k = np.where(free, key[:, e][:, None, :], -1)
+        best = np.maximum.reduceat(k, segs, axis=2)
+        ai, ti, ei = np.nonzero(free & (k == best[:, :, np.repeat(np.arange(len(segs)), np.diff(np.r_[segs, len(e)]))]))
+        taken[ai, ti, gl[ei]] = True
+        matched[ai, ti, dd[ei]] = True
+        ign[ai, ti, dd[ei]] = ignored[ai, e[ei]]
+    box = det.bbox[pairs.rows]
+    ign |= ~matched & _outside(box[:, 2] * box[:, 3])[:, None, :]
+    return rank, matched, ign
+
+
+def _gt_counts(pairs, prep, ids):
+    """(non-ignored GT per class and area range [K, A], whether a class has any GT or detection [K])."""
+    from mitdet.engine.scoring import _member
+
+    g = prep.anns
+    on = _member(g.image_id, ids)[0] & _member(g.category_id, pairs.cat_ids)[0]
+    cat = np.searchsorted(pairs.cat_ids, g.category_id[on])
+    ok = ~(g.iscrowd[on][None] | _outside(g.area[on]))
+    k = len(pairs.cat_ids)
+    npig = np.stack([np.bincount(cat[ok[a]], minlength=k) for a in range(len(AREAS))], axis=1)
+    present = (np.bincount(cat, minlength=k) > 0) | (np.bincount(pairs.pair % k, minlength=k) > 0)
+    return npig, present
+
+
+def _class_curves(tp, fp, npig_k, n_rec: int):
+    """Precision at the recall points [A, T, R] of one class (pycocotools' interpolation and lookup)."""
+    tps = np.cumsum(tp, axis=2, dtype=np.int64).astype(float)
+    fps = np.cumsum(fp, axis=2, dtype=np.int64).astype(float)
+    n = tps.shape[2]
+    out = np.zeros(tps.shape[:2] + (n_rec,))
+    if n == 0:
+        return out
+    pr = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, :, ::-1], axis=2)[:, :, ::-1]
+    for a, t in np.ndindex(*tps.shape[:2]):
+        if npig_k[a]:
+            inds = np.searchsorted(tps[a, t] / npig_k[a], RECS, side="left")
+            ok = inds < n
+            out[a, t, ok] = pr[a, t, inds[ok]]
+    return out
+
+
+def array_accumulate(pairs, prep, det, ids, rank, matched, ign):
+    """precision [T, R, K, A, M] (at 100 detections only; -1 elsewhere) and recall [T, K, A, M], as COCOeval's."""
+    K, A, T, M = len(pairs.cat_ids), len(AREAS), len(THRS), len(MAX_DETS)
+    npig, present = _gt_counts(pairs, prep, ids)
+    valid = present[:, None] & (npig > 0)  # [K, A]
+    cat = pairs.pair % K
+    tp, fp = matched & ~ign, ~matched & ~ign
+    recall = -np.ones((T, K, A, M))
+    for mi, m in enumerate(MAX_DETS):
+        a, t, d = np.nonzero(tp & (rank < m))
+        hits = np.bincount((a * T + t) * K + cat[d], minlength=A * T * K).reshape(A, T, K)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall[:, :, :, mi] = np.where(valid.T[:, None, :], hits / npig.T[:, None, :], -1).transpose(1, 2, 0)
+    order = np.lexsort((rank, pairs.pair // K, -det.score[pairs.rows], cat))  # pycocotools' concatenation order
+    bounds = np.searchsorted(cat[order], np.arange(K + 1))
+    precision = -np.ones((T, len(RECS), K, A, M))
+    for k in np.flatnonzero(valid.any(axis=1)):
+        sel = order[bounds[k]:bounds[k + 1]]
+        curves = _class_curves(tp[:, :, sel], fp[:, :, sel], npig[k], len(RECS))
+        for a in np.flatnonzero(valid[k]):
+            precision[:, :, k, a, -1] = curves[a]
+    return precision, recall
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=5000, help="images in the generated split (COCO val: 5000)")
+    ap.add_argument("--per-image", type=int, default=100, help="detections per image")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three processes")
+    ap.add_argument("--skip-pycocotools", action="store_true", help="time only faster-coco-eval and score")
+    ap.add_argument("--no-parts", action="store_true", help="skip the in-process measurement of the evaluator")
+    ap.add_argument("--dir", default=None, help="where to write the generated files (default: the system temp dir)")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mitdet-bench-scoring-", dir=args.dir))
+    try:
+        gt_path, det_path = generate(tmp, args.images, args.per_image)
+        names = [n for n in PROGRAMS if not (args.skip_pycocotools and n == "pycocotools")]
+        walls: dict[str, list[float]] = {n: [] for n in names}
+        outs: dict[str, dict] = {}
+        for r in range(args.rounds):
+            for n in names:
+                wall, outs[n] = run_process(n, gt_path, det_path)
+                walls[n].append(wall)
+                print(f"round {r + 1}: {n:<17} {wall:6.2f} s", flush=True)
+        parts = {} if args.no_parts else evaluator_parts(gt_path, det_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(walls, outs, parts)
+    return 0
+
+
+def generate(tmp: Path, n_images: int, per_image: int) -> tuple[Path, Path]:
+    """Write the ground truth and detections files; (their paths)."""
+    t0 = time.perf_counter()
+    gt = make_ground_truth(n_images)
+    dets = make_detections(gt, per_image)
+    gt_path, det_path = tmp / "instances_val.json", tmp / "detections.json"
+    gt_path.write_text(json.dumps(gt))
+    det_path.write_text(json.dumps(dets))
+    crowd = sum(a["iscrowd"] for a in gt["annotations"])
+    print(f"generated {len(gt['images'])} images, {len(gt['annotations'])} GT boxes ({crowd} crowd), "
+          f"{len(dets)} detections ({det_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return gt_path, det_path
+
+
+def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str, float]) -> None:
+    """Medians, ratios, the 12 stats' agreement, the breakdown of `score` and the evaluator's parts."""
+    med = {n: statistics.median(w) for n, w in walls.items()}
+    print("\nmedian whole-process seconds: " + ", ".join(f"{n} {s:.2f}" for n, s in med.items()))
+    for ref in ("pycocotools", "faster_coco_eval"):
+        if ref in med:
+            per_round = [a / b for a, b in zip(walls[ref], walls["score"], strict=True)]
+            print(f"score vs {ref}: {med[ref] / med['score']:.1f}x (per round: "
+                  f"{', '.join(f'{x:.1f}' for x in per_round)})")
+    ref_name = "pycocotools" if "pycocotools" in outs else "faster_coco_eval"
+    for n, o in outs.items():
+        if n == ref_name:
+            continue
+        diff = max(abs(a - b) for a, b in zip(o["stats"], outs[ref_name]["stats"], strict=True))
+        print(f"12 stats, max |{n} - {ref_name}|: {diff:.2e}")
+    t = outs["score"]["timings"]
+    rest = walls["score"][-1] - sum(t.values())
+    print("score's breakdown (last round, wall s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
+          + f"; process start, imports and the rest {rest:.3f}")
+    if parts:
+        print("evaluator parts (in process, CPU s):")
+        for k, v in parts.items():
+            print(f"  {k:<36} {v:.3g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
