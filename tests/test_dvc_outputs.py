@@ -82,6 +82,8 @@ def project(tmp_path_factory):
     run(["git", "init", "-q", "-b", "main"], work, env)
     commit(work, env, "init")
     run([dvc, "repro"], work, env)
+    # settles a train stage whose persisted checkpoints folder the evaluate stage wrote into (its lock file)
+    run([dvc, "repro"], work, env)
     commit(work, env, "baseline")
     return work, env, dvc
 
