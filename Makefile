@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,export]'
 	touch $(STAMP)
 
 # dvc.yaml is generated from params.yaml's `backbones:` (DVC cannot name stages train_<b> from a list).
