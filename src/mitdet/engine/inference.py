@@ -45,6 +45,20 @@ def to_coco_results(output: dict, target: dict, input_hw: tuple[int, int],
     return out
 
 
+def forward_by_shape(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict]:
+    """The model's outputs for `images`, in their order, run in groups of one shape: a batch of mixed sizes is
+    padded to its largest, and MiT's attention sees the padding, so an image's detections would depend on
+    which images share its batch."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(i)
+    outputs: list[dict | None] = [None] * len(images)
+    for indices in groups.values():
+        for i, out in zip(indices, model([images[i] for i in indices]), strict=True):
+            outputs[i] = out
+    return outputs
+
+
 def predict(model: torch.nn.Module, loader: Iterable, device: str | torch.device,
             label_to_category: dict[int, int], amp: str = "off", progress: bool = True) -> tuple[list[dict], dict]:
     """Run `model` over `loader` (batches of (images, targets, skipped)); return (COCO results, stats).
@@ -67,8 +81,7 @@ def predict(model: torch.nn.Module, loader: Iterable, device: str | torch.device
             skipped += int(batch_skipped)
             if not images:
                 continue
-            inputs = [im.to(device, non_blocking=True) for im in images]
-            outputs = model(inputs)
+            outputs = forward_by_shape(model, [im.to(device, non_blocking=True) for im in images])
             for image, target, output in zip(images, targets, outputs, strict=False):
                 results += to_coco_results(output, target, tuple(image.shape[-2:]), label_to_category)
                 image_ids.append(int(target["image_id"]))
