@@ -61,14 +61,15 @@ def _is_stale(middle: str, tmp: Path) -> bool:
     part (the older naming) is stale after LEGACY_TEMP_AGE_S."""
     fields = middle.rsplit("-", 2)  # mkstemp's random part has no '-'
     if len(fields) == 3 and fields[0] == _HOST and fields[1].isdigit():
-        return int(fields[1]) != os.getpid() and not _pid_alive(int(fields[1]))
+        return int(fields[1]) != os.getpid() and not pid_alive(int(fields[1]))
     if re.fullmatch(r"[a-z0-9_]{8}", middle):
         with contextlib.suppress(OSError):
             return time.time() - tmp.stat().st_mtime > LEGACY_TEMP_AGE_S
     return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

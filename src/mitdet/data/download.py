@@ -65,13 +65,10 @@ class Expected:
 def download_file(url: str, dest: str | Path, expected: Expected = Expected(), *, retries: int = 5,
                   timeout_s: float = 60.0, backoff_s: float = 1.0, progress: bool = True, stamp: bool = True,
                   max_bytes: int | None = None, check: Callable[[Path], str] | None = None) -> Path:
-    """Fetch `url` to `dest` through `dest.part`, resuming with HTTP Range; rename only once verified.
-
-    Idempotent: a `dest` already verified (a `.verified.json` stamp matching its size and mtime) is not fetched
-    again. A checksum mismatch removes the `.part` and raises ChecksumError naming the file and both sums. Nothing
-    past the expected size (or `max_bytes` when the size is unknown) is written; `check(part)` returns what is wrong
-    with a complete-looking file ("" when fine), and such a file is fetched afresh on the next try.
-    """
+    """Fetch `url` to `dest` through `dest.part`, resuming with HTTP Range; rename only once verified (size, MD5,
+    `check(part)` returning "" for a whole file); a verified `dest` (`.verified.json` stamp) is not fetched again."""
+    # Nothing past the expected size (or `max_bytes` when unknown) is written. A checksum mismatch removes the
+    # .part and raises ChecksumError naming both sums; a file `check` refuses is removed and fetched afresh.
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if _is_verified(dest, expected):
@@ -235,12 +232,10 @@ def _is_verified(dest: Path, expected: Expected) -> bool:
 
 # ----------------------------------------------------------------------------------------------- extraction
 def safe_extract(archive: str | Path, target: str | Path) -> int:
-    """Extract `archive` under `target` (each file written atomically); refuse the whole archive first if any
-    entry is absolute, climbs out with `..`, has a `.`/`..`/empty part, is a link, expands more than MAX_RATIO
-    times, or if it all would not fit on the disk. Returns the number of files written.
-
-    Containment is checked on the normalised path, not the resolved one: a target folder (or a folder in it, such
-    as `train2017`) that is a symbolic link to another disk is a legitimate setup, not an escape."""
+    """Extract `archive` under `target` (each file written atomically; returns how many), after refusing the whole
+    archive if an entry is unsafe (`_check_entry`) or it would not fit on the disk."""
+    # Containment is checked on the normalised path, not the resolved one: a target folder (or a folder in it,
+    # such as `train2017`) that is a symbolic link to another disk is a legitimate setup, not an escape.
     target = Path(os.path.abspath(target))
     target.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive) as zf:
@@ -260,7 +255,8 @@ def safe_extract(archive: str | Path, target: str | Path) -> int:
 
 
 def _check_entry(info: zipfile.ZipInfo, target: Path, archive) -> None:
-    """UnsafeArchiveError unless the entry is a plain file or folder with a clean relative name inside `target`."""
+    """UnsafeArchiveError unless the entry is a plain file or folder with a clean relative name (no empty, `.` or
+    `..` part) inside `target`, expanding at most MAX_RATIO times."""
     name = info.filename
     parts = (name[:-1] if info.is_dir() else name).split("/")
     dest = os.path.normpath(os.path.join(target, name))
@@ -308,10 +304,9 @@ def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = 
                      expected_counts: dict[str, int] | None = None, progress: bool = True) -> dict[str, dict]:
     """Download, verify and extract COCO 2017 under `cfg.download_dir` (a Coco2017Params); return the splits
     {split: {"images": DIR, "annotations": JSON}}. With `cfg.subset` > 0, only the annotations zip is fetched
-    and N images per split come one by one from `{base_url}/{split}2017/{file_name}`.
-
-    An `.extracted-<zip>.json` marker saves re-reading a zip; when files it stands for are missing (deleted by
-    hand), the zip is extracted again (downloaded again first if it is gone too)."""
+    and N images per split come one by one from `{base_url}/{split}2017/{file_name}`."""
+    # An `.extracted-<zip>.json` marker saves re-reading a zip; when files it stands for are missing (deleted by
+    # hand), the zip is extracted again (downloaded again first if it is gone too), so the next run mends it.
     root = Path(cfg.download_dir)
     base = cfg.base_url.rstrip("/")
     known = {k: Expected(**v) if isinstance(v, dict) else v for k, v in dict(KNOWN_FILES, **(checksums or {})).items()}
@@ -337,10 +332,11 @@ def prepare_coco2017(cfg, seed: int, *, checksums: dict[str, Expected] | None = 
             ann = _subset(ann, root / "subsets" / f"{cfg.subset_mode}-{cfg.subset}-seed{seed}", split, cfg.subset,
                           cfg.subset_mode, seed)
             _fetch_images(base, split, ann, img_dir, **kw)
-        elif _missing_images(ann, img_dir):
+        names = _file_names(ann)  # read once: instances_train2017.json is 448 MB
+        if not cfg.subset and any(not (img_dir / n).is_file() for n in names):
             key = f"zips/{split}2017.zip"
             _extract_once(root, key, f"{base}/{key}", known, kw, again=True)
-        _check_images(ann, img_dir, None if cfg.subset else counts[split])
+        _check_images(ann, img_dir, None if cfg.subset else counts[split], names)
         splits[split] = {"images": str(img_dir), "annotations": str(ann)}
     return splits
 
@@ -360,10 +356,6 @@ def _extract_once(root: Path, key: str, url: str, known: dict[str, Expected], kw
     if again:
         log.info("%s: %d file(s) written again", key, written)
     write_json(done, {"archive": key})
-
-
-def _missing_images(ann: Path, img_dir: Path) -> list[str]:
-    return [n for n in _file_names(ann) if not (img_dir / n).is_file()]
 
 
 def _check_space_for(root: Path, keys: list[str], known: dict[str, Expected], extract: bool = True) -> None:
@@ -435,8 +427,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_images(ann: Path, img_dir: Path, expected: int | None) -> None:
-    names = _file_names(ann)
+def _check_images(ann: Path, img_dir: Path, expected: int | None, names: list[str] | None = None) -> None:
+    names = _file_names(ann) if names is None else names
     missing = [n for n in names if not (img_dir / n).is_file()]
     if missing:
         raise DownloadError(f"{len(missing)} of the {len(names)} images listed in {ann} are missing (first: "

@@ -253,10 +253,11 @@ def _short(v, limit: int = 80) -> str:
 
 
 def _read_json_fast(path: Path):
-    """orjson when installed (5-10x faster on COCO-sized files), else or when it fails the standard parser, which
-    also reads the NaN/Infinity Python's json.dump writes (such boxes are then rejected one by one); malformed JSON
-    is a DataError naming the file."""
+    """orjson when installed (5-10x faster on COCO-sized files), else the standard parser; malformed JSON is a
+    DataError naming the file."""
     data = path.read_bytes()
+    # orjson refuses the NaN/Infinity that Python's json.dump writes: the standard parser then reads the file, and
+    # the index rejects those boxes one by one instead of the whole file
     if orjson is not None:
         try:
             return orjson.loads(data)
@@ -358,10 +359,9 @@ def _bad_file_name(name: str) -> bool:
 
 def _image_entries(images: list, images_dir: str, rejects: _Rejects) -> tuple[dict, set]:
     """{id: (entry, file, [_Box])} of the well-formed image entries with plain relative file names, and the ids of
-    the rejected ones (their boxes are then `image_rejected`, not `unknown_image`).
-
-    An entry repeated as is counts once (`duplicate_image_id` for the repeats); different images sharing one id
-    are all rejected (`conflicting_image_id`): which of them an annotation belongs to cannot be known."""
+    the rejected ones (their boxes are then `image_rejected`, not `unknown_image`)."""
+    # an entry repeated as is counts once (`duplicate_image_id` for the repeats); different images sharing one id
+    # are all rejected (`conflicting_image_id`): which of them an annotation belongs to cannot be known
     entries, rejected_image_ids = {}, set()
     for im in images:
         if not _image_ok(im) or _bad_file_name(im["file_name"]):

@@ -72,14 +72,12 @@ def fingerprint(images_dir: Path, annotations: Path) -> dict:
 
 
 def _walk_files(folder: Path) -> list[tuple[str, int, int]]:
-    """(path relative to `folder` with `/`, size, mtime_ns) of every regular file below it, sorted (deterministic).
-
-    Symbolic links are followed, as the index follows them (a folder visited once: a link loop ends); FIFOs,
-    sockets and devices are skipped: reading one would block or never end."""
+    """(path relative to `folder` with `/`, size, mtime_ns) of every regular file below it, sorted (deterministic);
+    links followed as the index follows them, FIFOs and devices skipped (reading one would block)."""
     entries, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen:  # a link loop (or a folder linked twice): walked once
             dirnames.clear()
             continue
         seen.add((st.st_dev, st.st_ino))

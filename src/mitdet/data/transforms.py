@@ -47,7 +47,8 @@ def decode_image(path: str, width: int | None = None, height: int | None = None)
             return None, reason.replace("_", " ")
         if width is not None and (w, h) != (width, height):
             return None, f"is {w}x{h}, the index says {width}x{height}"
-        data = os.pread(fd, size, 0)
+        with os.fdopen(os.dup(fd), "rb") as f:  # (read() loops where one pread stops at 2 GB)
+            data = f.read()
     finally:
         os.close(fd)
     try:
