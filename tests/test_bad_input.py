@@ -278,6 +278,7 @@ def test_nul_names_absurd_sizes_and_nan_boxes_are_counted_not_fatal(tmp_path):
     m = metrics["splits"]["train"]
     assert m["images_kept"] == 1 and m["images_rejected"] == {"bad_file_name": 1, "image_too_large": 2}
     assert m["annotations_kept"] == 2 and m["annotations_rejected"] == {"non_finite_box": 2}
+    assert "\0" not in (out / "rejected.csv").read_text() and any(r["file"] == "bad\\x00name.jpg" for r in _rows(out))
     gt = json.loads((out / "instances_train.json").read_text())
     assert [a["area"] for a in gt["annotations"]] == [400, 100]  # a NaN area is the box's
 

@@ -309,11 +309,16 @@ class _Rejects:
 
     def image(self, file, image_id, reason) -> None:
         self.images[reason] += 1
-        self.rows.append([self.split, file, image_id, "", reason])  # empty ann_id: an image-level row
+        self.rows.append([self.split, _csv_safe(file), image_id, "", reason])  # empty ann_id: an image-level row
 
     def annotation(self, file, image_id, ann_id, reason) -> None:
         self.annotations[reason] += 1
-        self.rows.append([self.split, file, image_id, ann_id, reason])
+        self.rows.append([self.split, _csv_safe(file), image_id, ann_id, reason])
+
+
+def _csv_safe(file):
+    """A file name as rejected.csv can hold it: a NUL byte (which Python 3.10's csv reader refuses) as `\\x00`."""
+    return file.replace("\0", "\\x00") if isinstance(file, str) else file
 
 
 @dataclass
