@@ -7,7 +7,9 @@ Generates, deterministically and into a temporary folder, ground truth shaped li
 segmented objects, two categories without ground truth, some images without any) and a detections file of 100
 per image (jittered and confused hits, duplicates, background boxes, scores rounded to 5 digits so ties occur).
 Times each scorer as a whole `python -c` process (imports and JSON reading included), interleaved for `--rounds`
-rounds, checks that the 12 stats agree, and prints the ratios and where the project's time goes.
+rounds, checks that the 12 stats agree, and prints the ratios and where the project's time goes; then measures the
+parts of faster-coco-eval's C++ evaluator in process, and an array core (a prototype below, not used by the
+project) that shows what a faster core would take; it is also timed as a 4th process.
 """
 from __future__ import annotations
 
@@ -129,14 +131,24 @@ s = score(sys.argv[1], sys.argv[2])
 print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
                   "inner_s": time.perf_counter() - t0, "timings": s.timings}))
 """,
+    "array_core": """
+import json, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[3])
+from bench_scoring import score_with_array_core
+from mitdet.engine.scoring import STAT_KEYS
+s = score_with_array_core(sys.argv[1], sys.argv[2])
+print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
+                  "inner_s": time.perf_counter() - t0}))
+""",
 }
 
 
 def run_process(name: str, gt_path: Path, det_path: Path) -> tuple[float, dict]:
     """Wall seconds of one whole scoring process and what it printed."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", PROGRAMS[name], str(gt_path), str(det_path)], check=True,
-                         capture_output=True, text=True)
+    argv = [sys.executable, "-c", PROGRAMS[name], str(gt_path), str(det_path), str(Path(__file__).parent)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True)
     return time.perf_counter() - t0, json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -297,6 +309,21 @@ def _class_curves(tp, fp, npig_k, n_rec: int):
     return out
 
 
+def score_with_array_core(gt_path, det_path):
+    """`score`'s steps with the array core in place of faster-coco-eval's evaluator (the 4th timed process)."""
+    from faster_coco_eval.core.cocoeval import Params
+
+    from mitdet.engine import scoring as S
+
+    with S._no_gc():
+        prep = S.load_coco(gt_path).mitdet_prepared
+        det = S._detection_arrays(S.read_results(det_path), str(det_path))
+        on_images, evaluated = S._scored(det, prep, prep.image_ids, str(det_path))
+        pairs = S._DetectionPairs(prep, det, np.flatnonzero(evaluated), prep.image_ids, max_dets=MAX_DETS[-1])
+        precision, recall = array_accumulate(pairs, prep, det, prep.image_ids, *array_match(pairs, prep, det))
+        return S._scores_from_arrays(precision, recall, Params(iouType="bbox"), prep, det, on_images, prep.image_ids)
+
+
 def array_accumulate(pairs, prep, det, ids, rank, matched, ign):
     """precision [T, R, K, A, M] (at 100 detections only; -1 elsewhere) and recall [T, K, A, M], as COCOeval's."""
     K, A, T, M = len(pairs.cat_ids), len(AREAS), len(THRS), len(MAX_DETS)
@@ -328,13 +355,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three processes")
     ap.add_argument("--skip-pycocotools", action="store_true", help="time only faster-coco-eval and score")
     ap.add_argument("--no-parts", action="store_true", help="skip the in-process measurement of the evaluator")
+    ap.add_argument("--no-array-core", action="store_true", help="do not time the array-core prototype process")
     ap.add_argument("--dir", default=None, help="where to write the generated files (default: the system temp dir)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="mitdet-bench-scoring-", dir=args.dir))
     try:
         gt_path, det_path = generate(tmp, args.images, args.per_image)
-        names = [n for n in PROGRAMS if not (args.skip_pycocotools and n == "pycocotools")]
+        skip = {"pycocotools"} if args.skip_pycocotools else set()
+        names = [n for n in PROGRAMS if n not in skip | ({"array_core"} if args.no_array_core else set())]
         walls: dict[str, list[float]] = {n: [] for n in names}
         outs: dict[str, dict] = {}
         for r in range(args.rounds):
@@ -368,11 +397,12 @@ def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str
     """Medians, ratios, the 12 stats' agreement, the breakdown of `score` and the evaluator's parts."""
     med = {n: statistics.median(w) for n, w in walls.items()}
     print("\nmedian whole-process seconds: " + ", ".join(f"{n} {s:.2f}" for n, s in med.items()))
-    for ref in ("pycocotools", "faster_coco_eval"):
-        if ref in med:
-            per_round = [a / b for a, b in zip(walls[ref], walls["score"], strict=True)]
-            print(f"score vs {ref}: {med[ref] / med['score']:.1f}x (per round: "
-                  f"{', '.join(f'{x:.1f}' for x in per_round)})")
+    for ours in ("score", "array_core"):
+        for ref in ("pycocotools", "faster_coco_eval"):
+            if ref in med and ours in med:
+                per_round = [a / b for a, b in zip(walls[ref], walls[ours], strict=True)]
+                print(f"{ours} vs {ref}: {med[ref] / med[ours]:.1f}x (per round: "
+                      f"{', '.join(f'{x:.1f}' for x in per_round)})")
     ref_name = "pycocotools" if "pycocotools" in outs else "faster_coco_eval"
     for n, o in outs.items():
         if n == ref_name:
