@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.setup_logging()
     params = load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
+    stage.prepare_cpu(params.evaluate.threads, params.evaluate.num_workers)  # before anything imports torch
     if params.evaluate.threads:
         import torch
         torch.set_num_threads(params.evaluate.threads)
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from mitdet.engine.stopping import locked
     from mitdet.paths import BackbonePaths
     # one evaluation of a backbone at a time (an orphaned one beside a new `dvc repro` would write the same files)
-    with locked(Path(BackbonePaths(args.backbone).checkpoints), name=".evaluate.lock", who="evaluation"):
+    # (beside the model files, not in the checkpoints folder: that is the train stage's output)
+    with locked(Path(BackbonePaths(args.backbone).model_dir), name=".evaluate.lock", who="evaluation"):
         metrics = evaluate_backbone(args.backbone, params.evaluate, inference=params.model, seed=params.seed,
                                     progress=sys.stderr.isatty())
     print(json.dumps(metrics, indent=2))

@@ -28,7 +28,7 @@ CACHED = "is cached - skipping run, checking out outputs"  # DVC's line for a st
 
 def copy_repo(work: Path) -> None:
     """The files a tiny run needs, with the chart templates."""
-    for rel in [*COPY, ".dvc/plots"]:
+    for rel in COPY:
         src, dst = ROOT / rel, work / rel
         if not src.exists():
             continue

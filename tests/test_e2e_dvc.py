@@ -19,8 +19,8 @@ import yaml
 from tests.conftest import ROOT
 
 BACKBONES = ["mit_b0", "mit_b1"]
-COPY = ["dvc.yaml", "params.yaml", "stages", "src", "data/example", ".dvc/config", ".dvcignore", ".gitignore",
-        "metrics/.gitkeep", "plots/.gitkeep"]
+COPY = ["dvc.yaml", "params.yaml", "stages", "src", "data/example", ".dvc/config", ".dvc/plots", ".dvcignore",
+        ".gitignore", "metrics/.gitkeep", "plots/.gitkeep"]
 
 
 def tiny_params(raw: dict) -> dict:
@@ -100,7 +100,7 @@ def params_of(data: dict) -> dict:
 
 
 def train_metrics_of(data: dict, backbone: str) -> dict:
-    return data["metrics"][f"metrics/{backbone}/train.json"]["data"]
+    return data["metrics"][f"metrics/{backbone}/train_summary.json"]["data"][backbone]
 
 
 def test_repro_runs_every_stage_and_writes_outputs(project):

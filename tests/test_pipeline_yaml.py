@@ -23,7 +23,10 @@ def test_stage_params_keep_train_changes_away_from_data_stages():
     stages = pipeline.stages_for(load_params(ROOT / "params.yaml").backbones)
     for name in ("prepare_data", "build_index"):
         assert not any(p.split(".")[0] in ("train", "model", "evaluate") for p in stages[name]["params"])
-    assert "train" in stages["train_mit_b0"]["params"]
+    train_params = stages["train_mit_b0"]["params"]
+    assert "train.lr" in train_params and "train.per_backbone.mit_b0" in train_params
+    assert "train.per_backbone.mit_b1" not in train_params and "train.per_backbone" not in train_params
+    assert "model.roi.score_thresh" not in train_params and "model.roi.score_thresh" in stages["evaluate_mit_b0"]["params"]
 
 
 def test_every_code_dep_exists_in_the_repo():

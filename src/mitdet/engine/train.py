@@ -112,6 +112,7 @@ class Run:
     data: Data
     hooks: Hooks
     fingerprint: dict
+    scorer: str = "faster_coco_eval"
     ddp: nn.Module | None = None
     stop_flag: StopFlag | None = None
     tb: TensorBoard | None = None
@@ -132,15 +133,18 @@ class Run:
 
 # ------------------------------------------------------------------------------------------------ set up
 def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, index_dir: str = "data/index",
-          out: BackbonePaths | None = None, hooks: Hooks | None = None) -> dict:
+          out: BackbonePaths | None = None, hooks: Hooks | None = None,
+          scorer: str = "faster_coco_eval") -> dict:
     """Train `backbone` with `train` (per-backbone overrides already applied) and `model`; return train.json.
 
-    Resumes a matching interrupted `last.pt`; raises `Interrupted` after saving it on SIGINT/SIGTERM.
+    Resumes a matching interrupted `last.pt`; raises `Interrupted` after saving it on SIGINT/SIGTERM. `scorer`
+    (params.evaluate.scorer) scores the validations, as it scores the evaluate stage.
     """
     out, hooks = out or BackbonePaths(backbone), hooks or Hooks()
     try:
         with locked(Path(out.checkpoints), enabled=int(os.environ.get("RANK", "0")) == 0):
             run, state, saved = set_up(backbone, train, model, seed, index_dir, out, hooks)
+            run.scorer = scorer
             if state.finished:  # same params, data and code: rewrite the outputs from it
                 log.info("%s holds a finished run matching these params: rewriting its outputs", run.last_path)
                 return finish(run, state, dict(state.result), final_weights=saved.get("final_weights", False))
@@ -288,7 +292,7 @@ def begin_training(run: Run, state: RunState, saved: dict, seed: int) -> None:
     run.ddp = distributed.wrap(state.model, run.dist, run.device)
     state.model.train()
     if run.data.val_gt is not None:
-        run.data.val_gt = load_coco(run.data.val_gt)  # once: every validation scores against it
+        run.data.val_gt = load_coco(run.data.val_gt, scorer=run.scorer)  # once: every validation scores with it
     run.tb = TensorBoard(str(Path(run.out.model_dir) / "tensorboard" / run.fingerprint["hash"][:12])
                          if (run.main and run.params.tensorboard) else None, purge_step=state.step or None)
     run.bar = progress_bar(run.plan.total_steps, state.step, enabled=run.main and sys.stderr.isatty())
@@ -446,11 +450,13 @@ def write_progress(run: Run, state: RunState, row: dict | None) -> None:
     if not run.main:
         return
     monitor = state.monitor
-    write_json(run.out.train_metrics, {
+    progress = {
         "backbone": run.backbone, "finished": False, "steps": state.step, "total_steps": run.plan.total_steps,
-        "epoch": state.epoch + 1, "loss": row["loss"] if row else None, "lr": state.schedule.lr,
+        "epoch": state.epoch + 1, "final_loss": row["loss"] if row else None, "lr": state.schedule.lr,
         "images_per_s": row["images_per_s"] if row else None, "seconds": state.elapsed(),
-        "best_metric": monitor.best if monitor.best_step >= 0 else None, "monitor": run.params.val.monitor})
+        "best_metric": monitor.best if monitor.best_step >= 0 else None, "monitor": run.params.val.monitor}
+    write_json(run.out.train_metrics, progress)
+    write_json(run.out.train_summary, train_summary(run.backbone, progress))  # the DVC metric, live too
 
 
 def end_epoch(run: Run, state: RunState, full_epoch: bool) -> None:
