@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.setup_logging()
     params = load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
-    stage.prepare_cpu(params.evaluate.threads, params.evaluate.num_workers)  # before anything imports torch
+    stage.prepare_cpu(params.evaluate.threads)  # before anything imports torch
     if params.evaluate.threads:
         import torch
         torch.set_num_threads(params.evaluate.threads)

@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
     train_params = params.train.for_backbone(args.backbone)
+    stage.prepare_cpu(train_params.threads)  # before anything imports torch
 
     from mitdet.engine import distributed
     if train_params.nproc_per_node > 1 and not distributed.under_torchrun():

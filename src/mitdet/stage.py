@@ -2,7 +2,8 @@
 
 A stage is `main(argv) -> int` run by `run(main)`: a MitdetError (a bad params.yaml, a missing index, a failed
 download...) prints `error: <where>: <what>; <fix>` on stderr and exits with its `exit_code` (2 for params, else
-1); any other exception is a bug and keeps its traceback.
+1); any other exception is a bug and keeps its traceback. A stage that computes calls `prepare_cpu` right after
+loading params and before anything imports torch.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
+from mitdet import runtime
 from mitdet.errors import MitdetError, ParamsError
 from mitdet.params import BACKBONE_NAMES, Params
 
@@ -39,6 +41,11 @@ def setup_logging(progress_bar: bool = False) -> None:
         tqdm_logging()
     else:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def prepare_cpu(threads: int, reproducible: bool | str = False) -> dict[str, str]:
+    """Fix CPU threads and a `reproducible` level (off, avx2, portable) before torch is imported; returns the env."""
+    return runtime.configure_cpu(threads, reproducible)
 
 
 def error_line(err: BaseException) -> str:
