@@ -18,10 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     stage.setup_logging()
     params = load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
-    stage.prepare_cpu(params.evaluate.threads)  # before anything imports torch
-    if params.evaluate.threads:
-        import torch
-        torch.set_num_threads(params.evaluate.threads)
+    stage.prepare_cpu(params.evaluate.threads, params.evaluate.reproducible)  # before anything imports torch
 
     from mitdet.engine.evaluate import evaluate_backbone  # torch: imported once the arguments are known good
     from mitdet.engine.stopping import locked

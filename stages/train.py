@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
     train_params = params.train.for_backbone(args.backbone)
-    stage.prepare_cpu(train_params.threads)  # before anything imports torch
+    stage.prepare_cpu(train_params.threads, train_params.reproducible)  # before anything imports torch
 
     from mitdet.engine import distributed
     if train_params.nproc_per_node > 1 and not distributed.under_torchrun():
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from mitdet.engine.train import Interrupted, train
     stage.setup_logging(progress_bar=True)
     try:
-        train(args.backbone, train_params, params.model, params.seed)
+        # validation scores with evaluate.scorer too (both scorers give the same numbers: not a training dep)
+        train(args.backbone, train_params, params.model, params.seed, scorer=params.evaluate.scorer)
     except Interrupted as stop:  # not an error: the run resumes from last.pt
         if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 only under torchrun
             print(stop, file=sys.stderr)  # "interrupted at step S: run `dvc repro` again to resume"

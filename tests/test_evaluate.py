@@ -232,7 +232,8 @@ def test_evaluate_backbone_end_to_end(evaluated_project):
     root, metrics, printed = evaluated_project
     eval_json = read_json(root / "metrics/mit_b0/eval.json")
     assert eval_json == metrics
-    assert list(eval_json) == [*EVAL_KEYS, "images_skipped", "images_left_out_by_index"]
+    assert list(eval_json) == [*EVAL_KEYS, "images_skipped", "images_left_out_by_index", "machine"]
+    assert eval_json["machine"]["threads"] >= 1 and "load_average" in eval_json["machine"]  # beside the speed
     assert eval_json["num_images"] == 4 and eval_json["images_left_out_by_index"] == 1  # the broken file
     assert eval_json["images_skipped"] == 0
     assert eval_json["params_m"] > 1 and eval_json["gflops"] > 0 and eval_json["ms_per_image"] > 0

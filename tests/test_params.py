@@ -219,18 +219,22 @@ def test_backbone_names_match_the_mit_configs():
 
 
 def test_per_backbone_overrides_apply_and_are_validated(raw):
-    raw["train"]["per_backbone"] = {"mit_b5": {"batch_size": 2, "val": {"max_images": 7}}}
+    empty = {b: {} for b in raw["backbones"]}
+    raw["train"]["per_backbone"] = {**empty, "mit_b5": {"batch_size": 2, "val": {"max_images": 7}}}
     params = params_from_dict(raw)
     b5 = params.train.for_backbone("mit_b5")
     assert (b5.batch_size, b5.val.max_images, b5.val.monitor) == (2, 7, params.train.val.monitor)
     assert params.train.for_backbone("mit_b0").batch_size == params.train.batch_size
     assert b5.per_backbone == {}
 
-    raw["train"]["per_backbone"] = {"mit_b5": {"batchsize": 2}}
+    raw["train"]["per_backbone"] = {**empty, "mit_b5": {"batchsize": 2}}
     with pytest.raises(ParamsError, match=r"train.per_backbone.mit_b5.batchsize"):
         params_from_dict(raw)
-    raw["train"]["per_backbone"] = {"mit_b7": {"batch_size": 2}}
+    raw["train"]["per_backbone"] = {**empty, "mit_b7": {"batch_size": 2}}
     with pytest.raises(ParamsError, match="unknown backbone 'mit_b7'"):
+        params_from_dict(raw)
+    raw["train"]["per_backbone"] = {b: {} for b in raw["backbones"][1:]}  # each train stage declares its entry
+    with pytest.raises(ParamsError, match=r"`train.per_backbone` has no entry for mit_b0; add `mit_b0: \{\}`"):
         params_from_dict(raw)
 
 

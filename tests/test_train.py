@@ -27,7 +27,7 @@ from mitdet.paths import BackbonePaths
 from tests.train_fixtures import tiny_model, tiny_train, write_index
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"images_per_s", "timestamp", "epoch_seconds", "seconds", "peak_memory_mb"}
+TIMING = {"images_per_s", "timestamp", "epoch_seconds", "seconds", "peak_memory_mb", "machine"}
 B = "mit_b0"
 
 

@@ -208,6 +208,8 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
     threads: int = _f(0, lo=0, hi=1024)
+    # pinned CPU kernel levels (runtime.py): none | avx2 | portable ("off" would read as false in YAML)
+    reproducible: Literal["none", "avx2", "portable"] = "none"
     nproc_per_node: int = _f(1, lo=1, hi=64)
     augment: AugmentParams = field(default_factory=AugmentParams)
     quick_eval: QuickEvalParams = field(default_factory=QuickEvalParams)
@@ -259,6 +261,7 @@ class EvaluateParams:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
     threads: int = _f(0, lo=0, hi=1024)
+    reproducible: Literal["none", "avx2", "portable"] = "none"
     weights: str = "final"   # final (model.safetensors) | best | last | epoch_NNN (models/<b>/checkpoints/*.pt)
 
     def __post_init__(self):
@@ -291,7 +294,7 @@ class Params:
             raise ParamsError(f"backbones lists a name twice: {self.backbones}")
         missing = [b for b in self.backbones if b not in self.train.per_backbone]
         if missing:  # each train stage declares its own entry as a DVC param, so it must exist
-            raise ParamsError(f"no entry for {', '.join(missing)}", where="train.per_backbone",
+            raise ParamsError(f"`train.per_backbone` has no entry for {', '.join(missing)}",
                               fix=f"add `{missing[0]}: {{}}` (an empty mapping: no overrides)")
 
 

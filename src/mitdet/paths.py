@@ -21,7 +21,7 @@ TRAIN_CODE = ("engine/train.py", "engine/state.py", "engine/stopping.py", "engin
               "engine/logs.py", "engine/monitor.py", "engine/distributed.py", "engine/device.py",
               "engine/inference.py", "engine/scoring.py", "models/mit.py", "models/detector.py",
               "models/pretrained.py", "models/bundle.py", "data/index.py", "data/dataset.py", "data/headers.py",
-              "data/transforms.py", "data/sampler.py", "params.py", "io.py", "errors.py")
+              "data/transforms.py", "data/sampler.py", "params.py", "io.py", "errors.py", "runtime.py")
 
 
 @dataclass(frozen=True)

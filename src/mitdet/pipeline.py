@@ -35,7 +35,7 @@ LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/dataset.py", "src/mi
 MODEL_CODE = ["src/mitdet/models"]
 TRAIN_CODE = [f"src/mitdet/{part}" for part in paths.TRAIN_CODE]  # also what the checkpoint fingerprint hashes
 EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/inference.py", "src/mitdet/engine/device.py",
-             "src/mitdet/engine/scoring.py", "src/mitdet/drawing.py"]
+             "src/mitdet/engine/scoring.py", "src/mitdet/drawing.py", "src/mitdet/runtime.py"]
 
 
 def _plot(path: str, **props) -> dict:

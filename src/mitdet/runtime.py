@@ -29,8 +29,8 @@ ENV_KEYS = (WAIT_ENV, *THREAD_ENV, *LEVELS["avx2"])
 
 
 def level_env(reproducible: bool | str) -> dict[str, str]:
-    """The pins of a reproducible level: False/"off" none, True/"avx2", or "portable"."""
-    name = {True: "avx2", False: "off"}.get(reproducible, reproducible)
+    """The pins of a reproducible level: False/"off"/"none" none, True/"avx2", or "portable"."""
+    name = {True: "avx2", False: "off", "none": "off"}.get(reproducible, reproducible)
     if name != "off" and name not in LEVELS:
         raise ValueError(f"reproducible must be off, avx2 or portable (or a bool), not {reproducible!r}")
     return dict(LEVELS.get(name, {}))
@@ -157,7 +157,7 @@ def machine_info(device=None) -> dict:
             "usable_cores": usable_cores(), "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "reproducible": reproducible_level(),
             "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "load_average": _load()}
     info.update(_accelerator(device))
     return _clean(info)

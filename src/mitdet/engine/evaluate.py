@@ -21,6 +21,7 @@ from mitdet.models.bundle import load_inference_model
 from mitdet.models.detector import set_inference
 from mitdet.models.pretrained import load_state_dict_strict
 from mitdet.params import ModelParams
+from mitdet.runtime import machine_info
 from mitdet.paths import INDEX_DIR, REJECTED_CSV, BackbonePaths
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,18 @@ def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> in
 
 
 # ------------------------------------------------------------------------------------------ stage
+def machine_with_load_warning(device) -> dict:
+    """machine_info beside the speed figures, with a warning when other work shared the CPU while they were
+    measured (the latency then follows the load: many times the idle figure on a busy machine)."""
+    info = machine_info(device)
+    load, cores = info.get("load_average") or [0.0], info.get("usable_cores") or 1
+    if load and load[0] > cores:
+        log.warning("the machine was busy while speed was measured (load average %.1f on %d cores): ms_per_image "
+                    "and images_per_s are inflated; measure again on a quiet machine", load[0], cores)
+    info["busy"] = bool(load and load[0] > cores)
+    return info
+
+
 def load_evaluated_model(model_dir: Path, weights: str, inference: ModelParams | None, device) -> tuple:
     """models/<b>/ with the weights `evaluate.weights` names (final, best, last, epoch_NNN) and, when given, the
     inference-only settings of `inference` (params.model); returns (model, spec)."""
@@ -123,8 +136,9 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     index = load_split(str(root / INDEX_DIR), split)
     index_cats = {(int(c.id), int(c.label)) for c in index.categories}
     if index_cats != {(int(c["id"]), int(c["label"])) for c in categories}:
-        raise ValueError(f"{root / bp.model_json}: its categories (id, label) differ from {root / INDEX_DIR}/"
-                         "categories.json; the model was trained on another index: rerun its train stage")
+        raise CheckpointError(f"its categories (id, label) differ from {root / INDEX_DIR}/categories.json: the "
+                              "model was trained on another index", where=str(root / bp.model_json),
+                              fix=f"run `dvc repro train_{backbone}`")
     loader = build_loader(index, model=model_params, train=None, seed=seed, training=False,
                           batch_size=evaluate.batch_size, num_workers=evaluate.num_workers, limit_images=evaluate.max_images)
     results, stats = predict(model, loader, dev, label_to_category, amp=amp, progress=progress)
@@ -149,6 +163,7 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     left_out = images_left_out_by_index(root / REJECTED_CSV, split)
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
+    metrics["machine"] = machine_with_load_warning(dev)
     write_json(root / bp.eval_metrics, metrics)
     write_json(root / bp.scores, score_metrics(backbone, metrics))
     write_json(root / bp.per_class_metrics, scores.per_class)

@@ -41,6 +41,7 @@ from mitdet.models import build_detector, count_parameters
 from mitdet.models.bundle import inference_spec, init_from_model, save_inference_model
 from mitdet.models.pretrained import is_detector_folder, pretrained_for
 from mitdet.params import ModelParams, TrainParams
+from mitdet.runtime import machine_info
 from mitdet.paths import BackbonePaths
 
 log = logging.getLogger(__name__)
@@ -575,6 +576,7 @@ def summary(run: Run, state: RunState) -> dict:
         "nonfinite_steps": monitor.nonfinite_steps, "params": count_parameters(state.model), "lr": state.schedule.lr,
         "amp": run.amp, "device": run.device.type, "world_size": run.dist.world_size,
         "resumed_from_step": state.resumed_from_step, "finished": True,
+        "machine": machine_info(run.device),  # what it ran on: results differ across thread counts and CPUs
     }
     state.finished, state.result, state.batch_in_epoch = True, result, 0
     save_last(run, state)
