@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from mitdet import stage
 from mitdet.data.index import build_index
-from mitdet.params import load_params
 from mitdet.paths import INDEX_DIR, INDEX_METRICS, RAW_MANIFEST, REJECTED_CSV
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage.parse_args(__doc__, argv)
-    params = load_params(args.params)
+    params = stage.load_params(args.params)
     metrics = build_index(RAW_MANIFEST, params.index, INDEX_DIR, INDEX_METRICS)
     for split, m in metrics["splits"].items():
         dropped = {**m["images_rejected"], **{f"box:{k}": v for k, v in m["annotations_rejected"].items()}}

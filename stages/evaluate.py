@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 from mitdet import stage
-from mitdet.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage.parse_args(__doc__, argv, backbone=True)
     stage.setup_logging()
-    params = load_params(args.params)
+    params = stage.load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
     stage.prepare_cpu(params.evaluate.threads, params.evaluate.reproducible)  # before anything imports torch
 

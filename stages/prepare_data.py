@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from mitdet import stage
 from mitdet.data.sources import prepare
-from mitdet.params import load_params
 from mitdet.paths import RAW_MANIFEST
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage.parse_args(__doc__, argv)
     stage.setup_logging()
-    params = load_params(args.params)
+    params = stage.load_params(args.params)
     manifest = prepare(params.data, params.seed)
     for split, d in manifest["splits"].items():
         n = manifest["fingerprint"][split]["images"]

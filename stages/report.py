@@ -6,13 +6,12 @@ parameters and latency with the Pareto front, per-class AP across backbones). Ab
 from __future__ import annotations
 
 from mitdet import stage
-from mitdet.params import load_params
 from mitdet.paths import REPORT_MD
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage.parse_args(__doc__, argv)
-    params = load_params(args.params)
+    params = stage.load_params(args.params)
 
     from mitdet.report import build_report  # matplotlib: imported once params.yaml is known good
     build_report(list(params.backbones), params.report)

@@ -10,12 +10,11 @@ import os
 import sys
 
 from mitdet import stage
-from mitdet.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:
     args = stage.parse_args(__doc__, argv, backbone=True)
-    params = load_params(args.params)
+    params = stage.load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
     train_params = params.train.for_backbone(args.backbone)
     stage.prepare_cpu(train_params.threads, train_params.reproducible)  # before anything imports torch

@@ -143,3 +143,58 @@ def test_a_second_evaluation_of_a_backbone_fails_at_once(tmp_path):
         with pytest.raises(TrainingError, match=r"another evaluation is running on this folder"):
             with locked(folder, name=".evaluate.lock", who="evaluation"):
                 pass
+
+
+def test_params_yaml_edited_while_a_stage_runs_fails_the_stage(tmp_path, monkeypatch, capsys):
+    from mitdet import stage
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+
+    def main() -> int:
+        stage.load_params("params.yaml")
+        text = (tmp_path / "params.yaml").read_text()
+        (tmp_path / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))  # an edit mid-run
+        return 0
+    with pytest.raises(SystemExit) as stop:
+        stage.run(main)
+    assert stop.value.code == 2  # so DVC does not record the edited params in dvc.lock
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: params.yaml: changed while this stage ran: its outputs follow the params read at its "
+                   "start; run the stage again (`dvc repro`)"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_clear_error(tiny_disk):
+    import torch
+    from mitdet.errors import CheckpointError
+    path = tiny_disk / "last.pt"
+    ckpt.save(path, {"step": 1, "w": torch.zeros(10)})
+    with pytest.raises(CheckpointError, match=r"last.pt: no space left on the device .*the file written before"):
+        ckpt.save(path, {"step": 2, "w": torch.zeros(1_000_000)})
+    assert ckpt.load(path)["step"] == 1  # the earlier checkpoint is intact
+    assert [p.name for p in tiny_disk.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_a_full_disk_in_any_stage_write_is_one_line(tiny_disk, capsys):
+    from mitdet import stage
+    from mitdet.io import write_bytes
+
+    def main() -> int:
+        write_bytes(tiny_disk / "big.bin", b"\0" * 2_000_000)
+        return 0
+    with pytest.raises(SystemExit) as stop:
+        stage.run(main)
+    assert stop.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "no space left on the device" in line

@@ -8,14 +8,18 @@ loading params and before anything imports torch.
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from mitdet import runtime
 from mitdet.errors import MitdetError, ParamsError
 from mitdet.params import BACKBONE_NAMES, Params
+from mitdet.params import load_params as _load_params
 
 
 def parse_args(doc: str, argv: list[str] | None = None, *, backbone: bool = False) -> argparse.Namespace:
@@ -55,12 +59,48 @@ def error_line(err: BaseException) -> str:
     return f"error: rank {rank}: {text}" if rank != "0" else f"error: {text}"  # under torchrun: which worker
 
 
+_PARAMS_READ: dict[str, str] = {}  # params file -> sha256 of what the stage read
+
+
+def load_params(path: str = "params.yaml") -> Params:
+    """params.load_params, remembering the file's content: `run` refuses to finish when it changed meanwhile."""
+    params = _load_params(path)
+    _PARAMS_READ[str(path)] = _digest(path)
+    return params
+
+
+def _digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return "<unreadable>"
+
+
+def check_params_unchanged() -> None:
+    """A ParamsError when a params file read at the start differs now: DVC records the params it finds at the
+    end of a stage, so the stage must fail rather than let dvc.lock claim params its outputs were not made with."""
+    for path, digest in _PARAMS_READ.items():
+        if _digest(path) != digest:
+            raise ParamsError("changed while this stage ran: its outputs follow the params read at its start",
+                              where=path, fix="run the stage again (`dvc repro`)")
+
+
 def run(main: Callable[[], int | None]) -> NoReturn:
-    """Exit with `main()`'s code; a MitdetError exits with one `error:` line and its exit_code, no traceback."""
+    """Exit with `main()`'s code; a MitdetError exits with one `error:` line and its exit_code, no traceback.
+
+    A full disk (ENOSPC) is a user's problem too: one line naming the file."""
     try:
         code = main()
+        if not code:
+            check_params_unchanged()
     except MitdetError as err:
         sys.stdout.flush()  # what the stage printed before the error comes first
         print(error_line(err), file=sys.stderr)
         code = err.exit_code
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(error_line(MitdetError(f"no space left on the device ({err.strerror})", where=err.filename,
+                                     fix="free some space and rerun")), file=sys.stderr)
+        code = 1
     sys.exit(code or 0)

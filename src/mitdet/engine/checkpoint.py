@@ -1,6 +1,7 @@
 """Checkpoints: atomic save/load, RNG state, the fingerprint of what shapes training, stale-run handling."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -118,9 +119,37 @@ class preserved_rng:
 
 # ------------------------------------------------------------------------------------------ save / load
 def save(path: str | Path, state: dict) -> None:
-    """torch.save through a temporary file and a rename: a kill never leaves a torn checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save through a temporary file and a rename: a kill never leaves a torn checkpoint, and a full disk
+    is a CheckpointError saying so (torch reports it as "unexpected pos"), the earlier file left intact."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as err:
+        if not _disk_full(err, Path(path), _nbytes(state)):
+            raise
+        free = shutil.disk_usage(Path(path).parent).free
+        raise CheckpointError(f"no space left on the device ({free // 2**20} MiB free)", where=str(path),
+                              fix="free some space and rerun: the file written before this one is intact") from None
+
+
+def _disk_full(err: BaseException, path: Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or torch's stream writer failing where the disk has less
+    room than the state needs (its temp file already removed)."""
+    if getattr(err, "errno", None) == errno.ENOSPC:
+        return True
+    text = str(err)
+    return ("unexpected pos" in text or "write failed" in text) and shutil.disk_usage(path.parent).free < needed
+
+
+def _nbytes(value) -> int:
+    """Bytes of the tensors in a nested state (what torch.save must write, at least)."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def copy(src: str | Path, dst: str | Path) -> None:
