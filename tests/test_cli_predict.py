@@ -85,12 +85,15 @@ def test_score_option_filters_like_the_models_own_threshold(model_dir, tmp_path,
     code, out, _ = _predict(capsys, model_dir, folder, tmp_path / "default.json")
     assert code == 0 and "score >= 0.05" in out  # tiny_model's roi.score_thresh
     _predict(capsys, model_dir, folder, tmp_path / "high.json", "--score", "0.1")
+    high_thr = 0.1
     low, default, high = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("low", "default", "high"))
     assert default["info"]["score_threshold"] == 0.05
-    for doc, thr in ((default, 0.05), (high, 0.1)):
+    for doc, thr in ((default, 0.05), (high, high_thr)):
         kept = {n: [d for d in dets if d["score"] >= thr] for n, dets in _by_file(low).items()}
         assert _by_file(doc) == kept
-    assert len(low["annotations"]) > len(default["annotations"]) >= len(high["annotations"])
+    # a barely trained model may fill its detections-per-image cap at every threshold: the lists nest, and each
+    # equals the low list filtered at its threshold (above)
+    assert len(low["annotations"]) >= len(default["annotations"]) >= len(high["annotations"]) > 0
 
 
 def test_output_loads_in_pycocotools_and_scores_against_a_ground_truth(model_dir, tmp_path, capsys):
