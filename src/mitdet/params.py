@@ -47,6 +47,9 @@ class SyntheticParams:
     empty_fraction: float = _f(0.05, lo=0.0, hi=1.0)
     crowd_fraction: float = _f(0.03, lo=0.0, hi=1.0)
     jpeg_quality: int = _f(90, lo=1, hi=100)
+    # thermal: an aligned 1-channel 16-bit thermal PNG per image (warm/cold twins of some classes, told apart only by
+    # it) for model.modality rgbx; none leaves the default data as it is
+    aux: Literal["none", "thermal"] = "none"
 
     def __post_init__(self):
         if self.min_side > self.max_side:
@@ -68,26 +71,63 @@ class Coco2017Params:
 class SplitPaths:
     images: str
     annotations: str
+    aux: Optional[str] = None   # a folder of auxiliary images aligned with `images` (same file stem), or null
 
 
 @dataclass(frozen=True)
 class LocalParams:
     train: SplitPaths
     val: SplitPaths
+    tests: dict[str, SplitPaths] = field(default_factory=dict)   # extra test splits (e.g. day, night), by name
+
+
+@dataclass(frozen=True)
+class YoloSplit:
+    images: str                 # image files (.jpg/.png) or (H, W, C) uint8 .npy arrays (channels 3.. are aux)
+    labels: str                 # `<stem>.txt` per image: `class x_center y_center width height`, normalised
+    aux: Optional[str] = None   # a folder of auxiliary images aligned with `images` (same file stem), or null
+
+
+@dataclass(frozen=True)
+class YoloParams:
+    train: YoloSplit
+    val: Optional[YoloSplit] = None      # null: a seeded `val_fraction` of train
+    val_fraction: float = _f(0.2, lo=0.0, hi=1.0, lo_open=True)
+    names: list[str] = field(default_factory=list)   # class names; a label's class is its index here
+    negatives: Literal["keep", "drop"] = "keep"        # images without a label file, or with an empty one
+    tests: dict[str, YoloSplit] = field(default_factory=dict)   # extra test splits (e.g. day, night), by name
+
+    def __post_init__(self):
+        if not self.names:
+            raise ParamsError("data.yolo.names lists no class", where="data.yolo.names",
+                              fix="list the class names in the order of the label files' class ids")
+        if self.val is None and self.val_fraction >= 1.0:
+            raise ParamsError(f"data.yolo.val_fraction = {self.val_fraction} leaves no training image",
+                              where="data.yolo.val_fraction", fix="use a fraction below 1 (e.g. 0.2)")
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["synthetic", "coco2017", "local"]
+    source: Literal["synthetic", "coco2017", "local", "yolo"]
     synthetic: SyntheticParams
     coco2017: Coco2017Params
     local: LocalParams
+    yolo: YoloParams = field(default_factory=lambda: YoloParams(
+        train=YoloSplit("data/yolo/images", "data/yolo/labels"), names=["object"]))
+
+    def __post_init__(self):
+        tests = self.local.tests if self.source == "local" else self.yolo.tests if self.source == "yolo" else {}
+        bad = [name for name in tests if name in ("train", "val") or not re.fullmatch(r"[A-Za-z0-9_-]+", name)]
+        if bad:
+            raise ParamsError(f"test split name {bad[0]!r} is not allowed", where=f"data.{self.source}.tests",
+                              fix="use letters, digits, _ or - (not train or val)")
 
 
 @dataclass(frozen=True)
 class IndexParams:
     min_box_size: float = _f(2.0, lo=0.0, lo_open=True)
     workers: int = _f(2, lo=1, hi=256)
+    aux_channels: int = _f(0, lo=0, hi=16)   # 0: RGB only; N: each image needs an aligned N-channel aux image
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -130,8 +170,16 @@ class ModelParams:
     roi: RoiParams = field(default_factory=RoiParams)
     channels_last: bool = False
     compile: bool = False
+    modality: Literal["rgb", "rgbx"] = "rgb"   # rgbx: a second MiT stream on an aligned auxiliary image, fused
+    fusion: Literal["cmx", "add", "concat"] = "cmx"   # rgbx: how the two streams are fused at every stage
+    aux_mean: list[float] = field(default_factory=lambda: [0.5])   # rgbx: one value, or one per aux channel
+    aux_std: list[float] = field(default_factory=lambda: [0.5])
 
     def __post_init__(self):
+        if not self.aux_mean or not self.aux_std:
+            raise ParamsError("model.aux_mean and model.aux_std need at least one value", where="model.aux_mean")
+        if any(s <= 0 for s in self.aux_std):
+            raise ParamsError(f"model.aux_std must be positive; got {self.aux_std}", where="model.aux_std")
         if len(self.anchor_sizes) != 5:
             raise ParamsError(f"model.anchor_sizes must list 5 sizes, one per FPN level (P2..P6); got {self.anchor_sizes}")
         if any(s <= 0 for s in self.anchor_sizes) or not self.aspect_ratios or any(r <= 0 for r in self.aspect_ratios):
@@ -292,10 +340,24 @@ class Params:
             raise ParamsError("backbones must list at least one of " + ", ".join(BACKBONE_NAMES))
         if len(set(self.backbones)) != len(self.backbones):
             raise ParamsError(f"backbones lists a name twice: {self.backbones}")
+        self._check_modality()
         missing = [b for b in self.backbones if b not in self.train.per_backbone]
         if missing:  # each train stage declares its own entry as a DVC param, so it must exist
             raise ParamsError(f"`train.per_backbone` has no entry for {', '.join(missing)}",
                               fix=f"add `{missing[0]}: {{}}` (an empty mapping: no overrides)")
+
+
+    def _check_modality(self) -> None:
+        """model.modality rgbx needs aux images in the index, and aux_mean/aux_std one value or one per channel."""
+        channels = self.index.aux_channels
+        if self.model.modality == "rgbx" and channels == 0:
+            raise ParamsError("model.modality is rgbx but index.aux_channels is 0 (the index keeps no aux image)",
+                              where="index.aux_channels", fix="set it to the aux image's channel count (e.g. 2)")
+        for key in ("aux_mean", "aux_std"):
+            values = getattr(self.model, key)
+            if channels and len(values) not in (1, channels):
+                raise ParamsError(f"model.{key} needs 1 or index.aux_channels ({channels}) values; got {values}",
+                                  where=f"model.{key}", fix="give one value for all aux channels")
 
 
 # Keys that only shape predictions: the evaluate stages depend on them, the train stages do not (their own
