@@ -1,13 +1,17 @@
-"""Image width and height from the first bytes of a JPEG or PNG file: no pixel is decoded.
+"""Image width and height from the first bytes of a JPEG, PNG or `.npy` file: no pixel is decoded.
 
 Only regular files are opened (a FIFO or a device would block or never end); symbolic links are followed, so a
 link into another folder (DVC's symlink cache, a shared image store) reads as the file it points to.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
+from dataclasses import dataclass
+
+import numpy as np
 
 HEAD_BYTES = 1024   # enough for SOF/IHDR in nearly every file; larger EXIF/ICC segments are skipped with pread
 TAIL_BYTES = 64     # where the JPEG end-of-image marker or the PNG IEND chunk must be (truncation check)
@@ -18,10 +22,27 @@ MAX_SIDE = 32768
 # JPEG start-of-frame markers carrying the frame size (not DHT C4, JPG C8, DAC CC)
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_NPY_MAGIC = b"\x93NUMPY"
+NPY_HEAD_BYTES = 4096  # numpy writes 64-byte aligned headers of ~128 bytes; a longer one is bad_header here
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # colour type -> channels as decoded (palette expands to RGB)
 
 # reasons returned (and written to rejected.csv by the index)
 MISSING, EMPTY, NOT_IMAGE, TRUNCATED, BAD_HEADER = "missing_file", "empty_file", "not_an_image", "truncated", "bad_header"
 NOT_REGULAR, TOO_LARGE = "not_a_regular_file", "image_too_large"
+# .npy images: (H, W, C) uint8 with C >= 3 (channels 0-2 RGB); anything else is refused
+CHANNELS_MISMATCH, UNSUPPORTED_ARRAY = "channels_mismatch", "unsupported_array"
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a header tells without decoding: size, channels as decoded, bits per sample (8/16), kind, or why not."""
+    width: int
+    height: int
+    channels: int = 0
+    bits: int = 0
+    kind: str = ""       # jpeg | png | npy
+    ndim: int = 0        # .npy only: 2 (H, W) or 3 (H, W, C)
+    reason: str = ""
 
 
 def open_regular(path: str) -> tuple[int | None, str]:
@@ -62,6 +83,8 @@ def probe_fd(fd: int, size: int) -> tuple[int, int, str]:
             end = b"\xff\xd9"
         elif head[:8] == _PNG_SIG:
             (w, h, reason), end = _png_size(head), b"IEND"
+        elif head[:6] == _NPY_MAGIC:
+            return _npy_image(_npy_header(fd, head, size))
         else:
             return 0, 0, NOT_IMAGE
         if not reason and end not in os.pread(fd, TAIL_BYTES, max(0, size - TAIL_BYTES)):
@@ -71,6 +94,86 @@ def probe_fd(fd: int, size: int) -> tuple[int, int, str]:
     except OSError:
         return 0, 0, NOT_IMAGE
     return (w, h, "") if not reason else (0, 0, reason)
+
+
+def read_header(path: str) -> Header:
+    """The `Header` of a JPEG, PNG or .npy file (an aux image's channels and depth); reason set when unusable."""
+    fd, reason = open_regular(path)
+    if fd is None:
+        return Header(0, 0, reason=reason)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, HEAD_BYTES, 0) if size else b""
+        if head[:6] == _NPY_MAGIC:
+            return _npy_header(fd, head, size)
+        w, h, reason = probe_fd(fd, size)
+        if reason:
+            return Header(0, 0, reason=reason)
+        if head[:8] == _PNG_SIG:
+            bits, colour = (head[24], head[25]) if len(head) >= 26 else (0, -1)
+            if colour not in _PNG_CHANNELS:
+                return Header(0, 0, reason=BAD_HEADER)
+            return Header(w, h, _PNG_CHANNELS[colour], 8 if colour == 3 else bits, "png")
+        return Header(w, h, _jpeg_channels(fd, head, size), 8, "jpeg")
+    except OSError:
+        return Header(0, 0, reason=NOT_IMAGE)
+    finally:
+        os.close(fd)
+
+
+def _npy_image(hd: Header) -> tuple[int, int, str]:
+    """`probe`'s answer for an .npy image: (H, W, C) uint8 with C >= 3."""
+    if hd.reason:
+        return 0, 0, hd.reason
+    if hd.ndim != 3 or hd.bits != 8:
+        return 0, 0, UNSUPPORTED_ARRAY
+    if hd.channels < 3:
+        return 0, 0, CHANNELS_MISMATCH
+    if hd.width * hd.height > MAX_PIXELS or max(hd.width, hd.height) > MAX_SIDE:
+        return 0, 0, TOO_LARGE
+    return hd.width, hd.height, ""
+
+
+def _npy_header(fd: int, head: bytes, size: int) -> Header:
+    """Shape and dtype from the .npy header (numpy's own parser, no pickle); the data must fit in the file.
+    uint8 and uint16 arrays of 2 or 3 dimensions are readable; C or Fortran order both."""
+    if len(head) < min(size, NPY_HEAD_BYTES):
+        head = os.pread(fd, NPY_HEAD_BYTES, 0)
+    f = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return Header(0, 0, reason=BAD_HEADER)
+    except (ValueError, SyntaxError, TypeError, EOFError, struct.error):
+        return Header(0, 0, reason=TRUNCATED if len(head) < NPY_HEAD_BYTES and len(head) == size else BAD_HEADER)
+    if dtype.hasobject or dtype.kind != "u" or dtype.itemsize not in (1, 2) or len(shape) not in (2, 3):
+        return Header(0, 0, reason=UNSUPPORTED_ARRAY)
+    if min(shape) <= 0:
+        return Header(0, 0, reason=BAD_HEADER)
+    if f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > size:
+        return Header(0, 0, reason=TRUNCATED)
+    channels = shape[2] if len(shape) == 3 else 1
+    return Header(int(shape[1]), int(shape[0]), int(channels), 8 * dtype.itemsize, "npy", len(shape))
+
+
+def _jpeg_channels(fd: int, head: bytes, size: int) -> int:
+    """Components in the JPEG frame header (1 gray, 3 colour, 4 CMYK); 0 when not found."""
+    pos = 2
+    while pos + 10 <= size:
+        seg = os.pread(fd, 10, pos)
+        if len(seg) < 10 or seg[0] != 0xFF:
+            return 0
+        if seg[1] == 0xFF or seg[1] in (0xD8, 0x01) or 0xD0 <= seg[1] <= 0xD7:
+            pos += 1 if seg[1] == 0xFF else 2
+            continue
+        if seg[1] in _SOF:
+            return seg[9]
+        pos += 2 + ((seg[2] << 8) | seg[3])
+    return 0
 
 
 def probe_many(paths: list[str]) -> list[tuple[int, int, str]]:
