@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mitdet.data.index import SplitIndex
 from mitdet.data.sampler import GroupedBatchSampler, OrderedBatchSampler, aspect_ratio_groups
-from mitdet.data.transforms import READ_FLAGS, build_transform, decode_image  # noqa: F401 (READ_FLAGS: others import it from here)
+from mitdet.data.transforms import (READ_FLAGS, build_transform, decode_array, decode_aux,  # noqa: F401 (READ_FLAGS: others import it from here)
+                                    decode_image)
 from mitdet.io import pid_alive
 from mitdet.params import ModelParams, TrainParams
 
@@ -26,12 +27,15 @@ log = logging.getLogger(__name__)
 
 class DetectionDataset(Dataset):
     """Item i (or (i, epoch) from the training sampler) -> (image float32 [3,H,W] 0..1, target), or None when the
-    file cannot be decoded (`collate` counts those per batch: a counter here would only see the main process)."""
+    file cannot be decoded (`collate` counts those per batch: a counter here would only see the main process).
+    With a transform for model.modality rgbx and records with `aux`: image [3 + N, H, W], aux channels 0..1 too."""
 
     def __init__(self, split: SplitIndex, transform):
         self.split = split
         self.records = split.images
         self.transform = transform
+        self.use_aux = bool(getattr(transform, "use_aux", False))
+        self.aux_channels = int(getattr(split, "aux_channels", 0) or 0)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -39,18 +43,60 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rec = self.records[index]
-        image, why = decode_image(rec.file, rec.width, rec.height)
-        if image is not None and image.shape[:2] != (rec.height, rec.width):
-            image, why = None, f"decodes to {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
+        image, aux, reduce, why = self._decode(rec, index, epoch)
         if image is None:
             log.warning("skipping %s (image_id %d): the file %s", rec.file, rec.image_id, why)
             return None
         keep = ~rec.iscrowd  # crowd regions are evaluation-only
-        image, boxes, labels, scale = self.transform(image, rec.boxes[keep], rec.labels[keep], epoch, index)
+        extra = {} if aux is None and reduce == 1 else {"aux": aux, "orig": (rec.height, rec.width)}
+        image, boxes, labels, scale, *rest = self.transform(image, rec.boxes[keep], rec.labels[keep], epoch, index,
+                                                            **extra)
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+        if rest and rest[0] is not None:
+            tensor = torch.cat([tensor, _aux_tensor(rest[0])])
         target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4), "labels": torch.from_numpy(labels),
                   "image_id": rec.image_id, "orig_size": (rec.height, rec.width), "scale": float(scale)}
         return tensor, target
+
+    def _decode(self, rec, index: int, epoch: int):
+        """(RGB HxWx3 uint8, aux HxWxN or None, decode reduction, "") or (None, None, 1, why it cannot be used)."""
+        aux_path = getattr(rec, "aux", None) if self.use_aux else None
+        if self.use_aux and aux_path is None and self.aux_channels:
+            return None, None, 1, f"has no auxiliary image (the index says {self.aux_channels} aux channels)"
+        if aux_path is not None and aux_path == rec.file:  # one .npy: RGB in channels 0..2, aux in 3..
+            image, aux, why = _split_array(rec, self.aux_channels)
+            return image, aux, 1, why
+        reduce = 1
+        if hasattr(self.transform, "reduction") and not rec.file.endswith((".npy", ".png", ".PNG")):
+            reduce = self.transform.reduction(rec.height, rec.width, epoch, index)
+        image, why = decode_image(rec.file, rec.width, rec.height, reduce)
+        if image is not None and image.shape[:2] != (rec.height, rec.width):
+            reduced = (-(-rec.height // reduce), -(-rec.width // reduce))
+            if reduce == 1 or image.shape[:2] != reduced:
+                image, why = None, f"decodes to {image.shape[1]}x{image.shape[0]}, the index says {rec.width}x{rec.height}"
+        if image is None or aux_path is None:
+            return image, None, reduce, why
+        aux, why = decode_aux(aux_path, rec.width, rec.height, self.aux_channels)
+        if aux is None:
+            return None, None, 1, f"has an auxiliary image {aux_path} that {why}"
+        return image, aux, reduce, ""
+
+
+def _split_array(rec, channels: int):
+    """(RGB, aux, "") from one (H, W, 3 + N) uint8 `.npy`, or (None, None, why)."""
+    array, why = decode_array(rec.file, rec.width, rec.height)
+    if array is None:
+        return None, None, why
+    if array.dtype != np.uint8 or array.shape[2] < 4 or (channels and array.shape[2] != 3 + channels):
+        expected = 3 + channels if channels else "3 + N"
+        return None, None, f"holds {array.dtype} x {array.shape[2]} channels; expected uint8 x {expected}"
+    return np.ascontiguousarray(array[:, :, :3]), np.ascontiguousarray(array[:, :, 3:]), ""
+
+
+def _aux_tensor(aux: np.ndarray) -> torch.Tensor:
+    """HxWxN uint8/uint16 -> float32 [N, H, W] in 0..1 (uint8 / 255, uint16 / 65535)."""
+    scale = 65535.0 if aux.dtype == np.uint16 else 255.0
+    return torch.from_numpy(np.ascontiguousarray(aux.transpose(2, 0, 1)).astype(np.float32)).div_(scale)
 
 
 def collate(batch):
