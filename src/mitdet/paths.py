@@ -13,6 +13,7 @@ REPORT_JSON = "metrics/report.json"
 REPORT_MD = "metrics/report.md"
 REPORT_SUMMARY = "metrics/summary.json"   # the report's DVC metric: best backbone and its score
 REPORT_PLOTS = "plots/report"
+REPORT_AP_BY_SPLIT_CSV = "plots/report/ap_by_split.csv"  # backbone, split, AP, AP50, AP75: val and each test split
 
 # The code that trains, relative to src/mitdet: the train stages' code deps in dvc.yaml AND what the checkpoint
 # fingerprint hashes, from this one list, so an edit that reruns training also refuses to resume across it.
@@ -94,5 +95,21 @@ class BackbonePaths:
         return f"plots/{self.backbone}/samples"
 
     @property
-    def predictions(self) -> str:
+    def predictions(self) -> str:  # the validation split's
         return f"{PREDICTIONS_DIR}/{self.backbone}.json"
+
+    # test splits (data/index/layout.json "tests"): one file per split in a folder, so dvc.yaml can declare them
+    # without knowing the names; the folders exist (empty) when there is no test split
+    @property
+    def test_predictions_dir(self) -> str:
+        return f"{PREDICTIONS_DIR}/{self.backbone}"
+
+    def test_predictions(self, split: str) -> str:
+        return f"{self.test_predictions_dir}/{split}.json"
+
+    @property
+    def test_per_class_ap_dir(self) -> str:
+        return f"plots/{self.backbone}/per_class_ap_tests"
+
+    def test_per_class_ap_csv(self, split: str) -> str:
+        return f"{self.test_per_class_ap_dir}/{split}.csv"

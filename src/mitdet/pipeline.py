@@ -78,11 +78,14 @@ def train_outputs(p: BackbonePaths) -> dict:
 
 
 def evaluate_outputs(p: BackbonePaths) -> dict:
-    """outs/metrics/plots of evaluate_<b>: eval.json and per_class.json cached, scores.json the metric."""
+    """outs/metrics/plots of evaluate_<b>: eval.json and per_class.json cached, scores.json the metric.
+
+    Test splits (named by the index, unknown here) go in the declared files (eval.json and scores.json "tests") and
+    in two folders, one file per split: data/predictions/<b>/ and plots/<b>/per_class_ap_tests/ (empty without)."""
     b = p.backbone
     return {
         # per_class.json: `dvc metrics diff --targets metrics/<b>/per_class.json`, not in every table
-        "outs": [p.predictions, p.eval_metrics, p.per_class_metrics],
+        "outs": [p.predictions, p.test_predictions_dir, p.eval_metrics, p.per_class_metrics],
         "metrics": [_metric(p.scores)],
         "plots": [
             _plot(p.per_class_ap_csv, template="bar_horizontal_sorted", x="AP", y="class",
@@ -90,6 +93,8 @@ def evaluate_outputs(p: BackbonePaths) -> dict:
             _plot(p.pr_curve_csv, x="recall", y="precision_iou50", title=f"{b}: precision-recall at IoU 0.5",
                   x_label="recall", y_label="precision at IoU 0.5"),
             _plot(p.samples_dir),
+            _plot(p.test_per_class_ap_dir, template="bar_horizontal_sorted", x="AP", y="class",
+                  title=f"{b}: AP per class on a test split (the file's name)", x_label=AP_AXIS, y_label="class"),
         ],
     }
 
@@ -109,6 +114,8 @@ def report_outputs() -> dict:
                   y_label=AP_AXIS),
             _plot(f"{r}/per_class_ap.csv", template="grouped_bars", x="AP", y="class",
                   title="AP per class and backbone", x_label=AP_AXIS, y_label="class"),
+            _plot(paths.REPORT_AP_BY_SPLIT_CSV, template="grouped_bars", x="AP", y="split",
+                  title="AP per split (val and the test splits) and backbone", x_label=AP_AXIS, y_label="split"),
             _plot(f"{r}/ap_vs_params.png"),
             _plot(f"{r}/ap_vs_latency.png"),
             _plot(f"{r}/per_class_heatmap.png"),

@@ -11,11 +11,13 @@ from typing import Any
 
 from mitdet.io import atomic_path, csv_text, read_json, write_json, write_text
 from mitdet.params import BACKBONE_NAMES, ReportParams
-from mitdet.paths import REPORT_JSON, REPORT_MD, REPORT_PLOTS, REPORT_SUMMARY, BackbonePaths
+from mitdet.paths import REPORT_AP_BY_SPLIT_CSV, REPORT_JSON, REPORT_MD, REPORT_PLOTS, REPORT_SUMMARY, BackbonePaths
 
 ROW_KEYS = ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image", "train_minutes",
             "best_epoch", "train_images_per_s")
 CLASS_TABLE_K = 5  # best and worst classes listed in report.md
+SPLIT_KEYS = ("AP", "AP50", "AP75")  # per backbone and split in report.json "by_split" and report.md
+SPLIT_CLASS_K = 10  # classes listed per test split in report.md: the largest changes of AP against val
 HEATMAP_SCALE = (0.0, 1.0)  # AP's own range: a fixed scale keeps 0.0025 dark and makes runs comparable
 
 
@@ -122,6 +124,76 @@ def _class_lines(classes: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _split_entry(ev: dict) -> dict[str, Any]:
+    return {**{k: _num(ev.get(k)) for k in SPLIT_KEYS}, "num_images": ev.get("num_images")}
+
+
+def by_split(rows: dict[str, dict], root: str | Path = ".") -> dict[str, Any] | None:
+    """Each evaluated backbone's SPLIT_KEYS on val and on each test split of its eval.json ("tests"), and per test
+    split the classes whose AP moved most against val; None when no backbone has a test split."""
+    root = Path(root)
+    names, table, classes = ["val"], {}, {}
+    for b, r in rows.items():
+        if r["status"] != "ok":
+            continue
+        p = BackbonePaths(b)
+        ev = _read(root / p.eval_metrics) or {}
+        tests = ev.get("tests") if isinstance(ev.get("tests"), dict) else {}
+        table[b] = {"val": _split_entry(ev), **{s: _split_entry(t or {}) for s, t in tests.items()}}
+        names += [s for s in tests if s not in names]
+        val_classes = _read(root / p.per_class_metrics) or {}
+        for s, t in tests.items():
+            for c, row in ((t or {}).get("per_class") or {}).items():
+                pair = (_num((val_classes.get(c) or {}).get("AP")), _num((row or {}).get("AP")))
+                if None not in pair:
+                    classes.setdefault(s, {}).setdefault(c, []).append(pair)
+    if len(names) == 1:
+        return None
+    return {"splits": names, "backbones": table,
+            "classes": {s: class_deltas(classes.get(s, {})) for s in names[1:]}}
+
+
+def class_deltas(pairs: dict[str, list[tuple[float, float]]], k: int = SPLIT_CLASS_K) -> list[dict[str, Any]]:
+    """The `k` classes whose mean AP (over the backbones that scored both) changed most from val to a test split,
+    largest drop first: {class, val_AP, AP, delta}."""
+    rows = []
+    for c, v in pairs.items():
+        val_ap, ap = sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)
+        rows.append({"class": c, "val_AP": val_ap, "AP": ap, "delta": ap - val_ap})
+    rows.sort(key=lambda r: (-abs(r["delta"]), r["class"]))
+    return sorted(rows[:k], key=lambda r: (r["delta"], r["class"]))
+
+
+def _split_lines(splits: dict[str, Any] | None) -> list[str]:
+    """report.md's "by split" section: AP per backbone and split, then the classes that moved per test split."""
+    if not splits:
+        return []
+    lines = ["", "### By split (val and the test splits)", "", "| backbone | split | images | AP | AP50 | AP75 | "
+             "AP - val AP |", "|---|---|---:|---:|---:|---:|---:|"]
+    for b, per_split in splits["backbones"].items():
+        val_ap = per_split["val"]["AP"]
+        for s in splits["splits"]:
+            if s not in per_split:
+                continue
+            r = per_split[s]
+            delta = r["AP"] - val_ap if s != "val" and None not in (r["AP"], val_ap) else None
+            lines.append(f"| {b} | {s} | {_fmt(r['num_images'])} | {_fmt(r['AP'])} | {_fmt(r['AP50'])} | "
+                         f"{_fmt(r['AP75'])} | {_signed(delta)} |")
+    for s, rows in splits["classes"].items():
+        lines += ["", f"#### Classes on {s} against val (mean AP over the backbones; the {len(rows)} largest "
+                  "changes)", ""]
+        if not rows:
+            lines.append("No class with AP on both val and this split.")
+            continue
+        lines += [f"| class | val AP | {s} AP | change |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['class']} | {_fmt(r['val_AP'])} | {_fmt(r['AP'])} | {_signed(r['delta'])} |" for r in rows]
+    return lines
+
+
+def _signed(v) -> str:
+    return "—" if v is None else f"{v:+.3f}"
+
+
 def _fmt(v, digits=3) -> str:
     if v is None:
         return "—"
@@ -159,6 +231,7 @@ def markdown(report: dict) -> str:
     if missing:
         lines.append(f"Missing: {'; '.join(missing)}.")
     lines += _class_lines(report.get("classes"))
+    lines += _split_lines(report.get("by_split"))
     lines.append("")
     lines.append("AP is COCO AP@[.50:.95] on the validation split; ms/image is batch-1 latency on the evaluating "
                  "device; GFLOPs at the model's input size (min_size x max_size).")
@@ -246,6 +319,17 @@ def heatmap_figure(table: dict, backbones: list[str], max_classes: int):
     return fig
 
 
+def ap_by_split_csv(rows: dict[str, dict], splits: dict[str, Any] | None) -> str:
+    """backbone, split, AP, AP50, AP75 (grouped bars in dvc plots): val for each evaluated backbone, and each of
+    its test splits."""
+    if splits is None:
+        table = {b: {"val": {k: r[k] for k in SPLIT_KEYS}} for b, r in rows.items() if r["status"] == "ok"}
+    else:
+        table = splits["backbones"]
+    return csv_text(["backbone", "split", *SPLIT_KEYS],
+                    [[b, s, *(r[k] for k in SPLIT_KEYS)] for b, per in table.items() for s, r in per.items()])
+
+
 def summary(out: dict[str, Any]) -> dict[str, Any]:
     """summary.json, the report stage's DVC metric: the best backbone and its score."""
     best, metric = out["best_backbone"], out["metric"]
@@ -269,6 +353,9 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
     out = {"metric": metric, "best_backbone": best, "pareto": pareto, "pareto_params": pareto_params,
            "missing": [b for b, r in rows.items() if r["status"] != "ok"], "backbones": rows,
            "classes": class_ranking(table, backbones)}
+    splits = by_split(rows, root)
+    if splits is not None:  # absent without a test split: report.json as before
+        out["by_split"] = splits
 
     write_json(root / REPORT_JSON, out)
     write_json(root / REPORT_SUMMARY, summary(out))
@@ -287,6 +374,7 @@ def build_report(backbones: list[str], report: ReportParams, root: str | Path = 
     write_text(plots / "per_class_ap.csv", csv_text(
         ["class", "backbone", "AP"],
         [[c, b, e[b]] for c, e in table.items() for b in backbones if e.get(b) is not None]))
+    write_text(root / REPORT_AP_BY_SPLIT_CSV, ap_by_split_csv(rows, splits))
     _scatter_png(out, "params_m", "parameters (M)", pareto_params, f"Pareto front (fewer params, higher {metric})",
                  plots / "ap_vs_params.png")
     _scatter_png(out, "ms_per_image", "latency (ms per image, batch 1)", pareto,

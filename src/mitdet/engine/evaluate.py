@@ -1,10 +1,12 @@
 """The evaluate_<backbone> stage: load models/<b>/, predict the validation split, score it, write predictions,
-metrics, plots and samples.
+metrics, plots and samples; then the same for each test split data/index/layout.json names (no speed, no samples).
 """
 from __future__ import annotations
 
 import csv
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,8 @@ from mitdet.engine import checkpoint as ckpt
 from mitdet.engine.device import resolve_device
 from mitdet.engine.inference import measure_speed, predict
 from mitdet.engine.scoring import Scores, per_class_table, score
-from mitdet.errors import CheckpointError
-from mitdet.io import csv_text, write_json, write_text
+from mitdet.errors import CheckpointError, DataError
+from mitdet.io import csv_text, read_json, write_json, write_text
 from mitdet.models.bundle import load_inference_model
 from mitdet.models.detector import set_inference
 from mitdet.models.pretrained import load_state_dict_strict
@@ -31,6 +33,11 @@ EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", 
              "bottom10_mAP", "ap_spread", "images_per_s", "ms_per_image", "params_m", "gflops", "num_images")
 # scores.json, the evaluate stage's DVC metric: the accuracy keys people compare (timings and counts stay in eval.json)
 SCORE_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# a test split's entry of eval.json "tests" (then images_skipped, images_left_out_by_index, per_class), and the few
+# of its keys scores.json holds: a column each per split in `dvc exp show`, so only the ones people compare
+SPLIT_KEYS = (*SCORE_KEYS, "top10_mAP", "bottom10_mAP", "ap_spread", "num_images")
+TEST_SCORE_KEYS = ("AP", "AP50", "AP75", "AR100")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a test split's name is a file name in the output folders
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -63,8 +70,12 @@ def eval_metrics(scores: Scores, speed: dict, params_m: float | None, gflops: fl
 
 
 def score_metrics(backbone: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """scores.json: eval.json's SCORE_KEYS under the backbone's name, so `dvc exp show` names columns `mit_b0.AP`."""
-    return {backbone: {k: metrics[k] for k in SCORE_KEYS if k in metrics}}
+    """scores.json: eval.json's SCORE_KEYS under the backbone's name, so `dvc exp show` names columns `mit_b0.AP`,
+    and TEST_SCORE_KEYS of each test split under "tests" (`mit_b0.tests.night.AP`) when there is one."""
+    out = {k: metrics[k] for k in SCORE_KEYS if k in metrics}
+    if metrics.get("tests"):
+        out["tests"] = {name: {k: m.get(k) for k in TEST_SCORE_KEYS} for name, m in metrics["tests"].items()}
+    return {backbone: out}
 
 
 def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> int | None:
@@ -115,48 +126,29 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
 
     `evaluate` is params.evaluate (weights, batch size, device, amp, loader workers, scorer, outputs); `inference`
     is params.model, of which only the inference-only keys (params.INFERENCE_KEYS) are used. The input size
-    (loader resize, GFLOPs) is the one the model was trained with, from its model.json.
+    (loader resize, GFLOPs) is the one the model was trained with, from its model.json. `split` is scored with
+    speed, samples and the per-class files; each test split of data/index/layout.json as well (`run_test_splits`).
     Returns the eval.json dict.
     """
-    from mitdet.data.dataset import build_loader
     from mitdet.data.index import load_split
     from mitdet.models import count_parameters, detector_gflops
-    from mitdet.params import model_params_from_dict
 
     root = Path(root)
     bp = BackbonePaths(backbone)
     dev = resolve_device(evaluate.device)
-    amp = evaluate.amp
     model, spec = load_evaluated_model(root / bp.model_dir, evaluate.weights, inference, dev)
-    categories = spec["categories"]
-    label_to_category = {int(c["label"]): int(c["id"]) for c in categories}
-    names = {int(c["id"]): c["name"] for c in categories}
-    model_params = model_params_from_dict(spec["model"])
-
+    run = SplitRun(model, spec, evaluate, dev, seed, root, progress)
     index = load_split(str(root / INDEX_DIR), split)
-    index_cats = {(int(c.id), int(c.label)) for c in index.categories}
-    if index_cats != {(int(c["id"]), int(c["label"])) for c in categories}:
-        raise CheckpointError(f"its categories (id, label) differ from {root / INDEX_DIR}/categories.json: the "
-                              "model was trained on another index", where=str(root / bp.model_json),
-                              fix=f"run `dvc repro train_{backbone}`")
-    loader = build_loader(index, model=model_params, train=None, seed=seed, training=False,
-                          batch_size=evaluate.batch_size, num_workers=evaluate.num_workers, limit_images=evaluate.max_images)
-    results, stats = predict(model, loader, dev, label_to_category, amp=amp, progress=progress)
+    check_categories(index, spec["categories"], root, backbone)
+    tests = load_test_splits(root, [split])  # before the long val run: a missing test split fails now
+    results, stats = run.predict(index)
     write_json(root / bp.predictions, results, indent=None)
-    log.info("%s: %d detections on %d images in %.1f s (%d unreadable)", backbone, stats["detections"],
-             stats["images"], stats["seconds"], stats["skipped"])
-
     scores = score(root / INDEX_DIR / f"instances_{split}.json", results, scorer=evaluate.scorer,
                    image_ids=stats["image_ids"])
-
-    speed_images: list[torch.Tensor] = []
-    if evaluate.speed_images > 0:
-        speed_loader = build_loader(index, model=model_params, train=None, seed=seed, training=False, batch_size=1,
-                                    num_workers=0, limit_images=evaluate.speed_images)
-        speed_images = [im for images, _, _ in speed_loader for im in images]
-    speed = measure_speed(model, speed_images, dev, evaluate.speed_warmup, evaluate.speed_images, amp=amp)
+    speed = measure_speed(model, run.speed_images(index), dev, evaluate.speed_warmup, evaluate.speed_images,
+                          amp=evaluate.amp)
     params_m = count_parameters(model) / 1e6
-    gflops = float(detector_gflops(model, model_params.min_size, model_params.max_size))
+    gflops = float(detector_gflops(model, run.model_params.min_size, run.model_params.max_size))
 
     metrics = eval_metrics(scores, speed, params_m, gflops, stats["images"])
     metrics["images_skipped"] = stats["skipped"]
@@ -164,13 +156,129 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
     metrics["machine"] = machine_with_load_warning(dev)
+    test_metrics, test_tables = run_test_splits(run, bp, tests)
+    if test_metrics:  # absent without a test split: eval.json as before
+        metrics["tests"] = test_metrics
     write_json(root / bp.eval_metrics, metrics)
     write_json(root / bp.scores, score_metrics(backbone, metrics))
     write_json(root / bp.per_class_metrics, scores.per_class)
     write_text(root / bp.per_class_ap_csv, per_class_ap_csv(scores))
     write_text(root / bp.pr_curve_csv, pr_curve_csv(scores))
     predicted = set(stats["image_ids"])
-    write_samples([r for r in index.images if r.image_id in predicted], results, names, root / bp.samples_dir,
+    write_samples([r for r in index.images if r.image_id in predicted], results, run.names, root / bp.samples_dir,
                   evaluate.samples, evaluate.sample_score_thresh, root=root)
     print(per_class_table(scores, evaluate.top_k))
+    for name, table in test_tables.items():
+        print(f"\nTEST SPLIT {name}\n{table}")
     return metrics
+
+
+# ------------------------------------------------------------------------------------------ splits
+@dataclass
+class SplitRun:
+    """What every split's evaluation shares: the model, its categories and input size, the evaluate settings."""
+    model: torch.nn.Module
+    spec: dict
+    evaluate: Any
+    device: Any
+    seed: int
+    root: Path
+    progress: bool
+
+    def __post_init__(self):
+        from mitdet.params import model_params_from_dict
+        categories = self.spec["categories"]
+        self.label_to_category = {int(c["label"]): int(c["id"]) for c in categories}
+        self.names = {int(c["id"]): c["name"] for c in categories}
+        self.model_params = model_params_from_dict(self.spec["model"])
+
+    def loader(self, index, batch_size: int, num_workers: int, limit: int):
+        from mitdet.data.dataset import build_loader
+        return build_loader(index, model=self.model_params, train=None, seed=self.seed, training=False,
+                            batch_size=batch_size, num_workers=num_workers, limit_images=limit)
+
+    def predict(self, index) -> tuple[list[dict], dict]:
+        """COCO results on the split's images (the first evaluate.max_images, 0 = all) and predict's stats."""
+        ev = self.evaluate
+        loader = self.loader(index, ev.batch_size, ev.num_workers, ev.max_images)
+        results, stats = predict(self.model, loader, self.device, self.label_to_category, amp=ev.amp,
+                                 progress=self.progress)
+        log.info("%s %s: %d detections on %d images in %.1f s (%d unreadable)", self.spec.get("backbone", ""),
+                 index.split, stats["detections"], stats["images"], stats["seconds"], stats["skipped"])
+        return results, stats
+
+    def speed_images(self, index) -> list[torch.Tensor]:
+        """The first evaluate.speed_images images of `index`, as the model gets them (batch 1)."""
+        if self.evaluate.speed_images <= 0:
+            return []
+        loader = self.loader(index, 1, 0, self.evaluate.speed_images)
+        return [im for images, _, _ in loader for im in images]
+
+
+def check_categories(index, categories: list[dict], root: Path, backbone: str) -> None:
+    """The model's (id, label) pairs must be the index's: else it was trained on another index."""
+    index_cats = {(int(c.id), int(c.label)) for c in index.categories}
+    if index_cats != {(int(c["id"]), int(c["label"])) for c in categories}:
+        raise CheckpointError(f"its categories (id, label) differ from {root / INDEX_DIR}/categories.json: the "
+                              "model was trained on another index", where=str(root / BackbonePaths(backbone).model_json),
+                              fix=f"run `dvc repro train_{backbone}`")
+
+
+def test_split_names(index_dir: str | Path) -> list[str]:
+    """The test splits data/index/layout.json names (`"tests"`, params order); [] without a layout.json."""
+    path = Path(index_dir) / "layout.json"
+    if not path.is_file():
+        return []
+    layout = read_json(path)
+    tests = layout.get("tests", []) if isinstance(layout, dict) else None
+    if not isinstance(tests, list) or not all(isinstance(t, str) and SPLIT_NAME.fullmatch(t) for t in tests) \
+            or {"train", "val"} & set(tests) or len(set(tests)) != len(tests):
+        raise DataError(f"\"tests\" is {tests!r}: not a list of distinct split names (letters, digits, _ . -; not "
+                        "train or val)", where=str(path), fix="run `dvc repro build_index`")
+    return tests
+
+
+def load_test_splits(root: Path, scored: list[str]) -> dict[str, Any]:
+    """name -> SplitIndex of each test split (but those in `scored`), its ground truth checked to be there."""
+    from mitdet.data.index import load_split
+    tests = {}
+    for name in test_split_names(root / INDEX_DIR):
+        if name in scored:
+            continue
+        gt = root / INDEX_DIR / f"instances_{name}.json"
+        if not gt.is_file():
+            raise DataError(f"no ground truth for test split '{name}'", where=str(gt), fix="run `dvc repro build_index`")
+        tests[name] = load_split(str(root / INDEX_DIR), name)
+    return tests
+
+
+def split_metrics(scores: Scores, stats: dict, left_out: int | None) -> dict[str, Any]:
+    """One test split's entry of eval.json "tests": the 12 stats, the class spread, counts and the per-class table."""
+    values = {**scores.summary, **scores.aggregates, "num_images": stats["images"]}
+    out: dict[str, Any] = {k: values.get(k) for k in SPLIT_KEYS}
+    out["images_skipped"] = stats["skipped"]
+    if left_out is not None:
+        out["images_left_out_by_index"] = left_out
+    out["per_class"] = scores.per_class
+    return out
+
+
+def run_test_splits(run: SplitRun, bp: BackbonePaths, tests: dict) -> tuple[dict, dict]:
+    """Predict and score each test split: its predictions and per-class CSV in their folders; returns
+    (eval.json "tests", name -> the printed per-class table). No speed measurement: that is the val split's."""
+    root = run.root
+    for folder, suffix in ((bp.test_predictions_dir, ".json"), (bp.test_per_class_ap_dir, ".csv")):
+        (root / folder).mkdir(parents=True, exist_ok=True)  # declared DVC outputs: there even when empty
+        for stale in (root / folder).glob(f"*{suffix}"):  # a split no longer in layout.json (runs outside DVC)
+            if stale.stem not in tests:
+                stale.unlink()
+    metrics, tables = {}, {}
+    for name, index in tests.items():
+        results, stats = run.predict(index)
+        write_json(root / bp.test_predictions(name), results, indent=None)
+        scores = score(root / INDEX_DIR / f"instances_{name}.json", results, scorer=run.evaluate.scorer,
+                       image_ids=stats["image_ids"])
+        metrics[name] = split_metrics(scores, stats, images_left_out_by_index(root / REJECTED_CSV, name))
+        write_text(root / bp.test_per_class_ap_csv(name), per_class_ap_csv(scores))
+        tables[name] = per_class_table(scores, run.evaluate.top_k)
+    return metrics, tables
