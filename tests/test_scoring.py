@@ -19,7 +19,7 @@ from mitdet.io import read_json, write_json
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 TINY50_VAL = FIXTURES / "coco2017-tiny50" / "annotations" / "instances_val2017.json"
-SCORERS = ["pycocotools", "faster_coco_eval"]
+SCORERS = ["pycocotools", "faster_coco_eval", "fast"]
 
 
 def make_gt() -> dict:

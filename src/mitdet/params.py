@@ -299,7 +299,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = _f(8, lo=1, hi=MAX_BATCH_SIZE)
     max_images: int = _f(0, lo=0)
-    scorer: Literal["pycocotools", "faster_coco_eval"] = "faster_coco_eval"
+    scorer: Literal["pycocotools", "faster_coco_eval", "fast"] = "faster_coco_eval"
     top_k: int = _f(10, lo=1)
     samples: int = _f(6, lo=0)
     sample_score_thresh: float = _f(0.3, lo=0.0, hi=1.0)

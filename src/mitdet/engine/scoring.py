@@ -1,10 +1,12 @@
-"""COCO bbox metrics (pycocotools or faster-coco-eval, same numbers) and the per-class table people read.
+"""COCO bbox metrics (pycocotools, faster-coco-eval or the `fast` array core: same numbers) and the per-class table.
 
 `load_coco` loads the ground truth once for one scorer; `score` takes detections as a list or a results file,
 checks them with numpy and turns COCOeval's accumulated arrays into the 12 COCO stats, per-class rows and PR
 curves, with null (never NaN) where a class or an area range has no ground truth. With faster-coco-eval the
 detections go straight into its C++ evaluator (IoUs computed here, vectorised), skipping `loadRes` and
-`_prepare`, whose per-annotation Python loops cost more than the evaluation around them.
+`_prepare`, whose per-annotation Python loops cost more than the evaluation around them. With `fast` they stay
+arrays throughout: `coco_fast` matches and accumulates them with numpy, with pycocotools' rules (pycocotools is
+the reference the tests compare all three with).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mitdet.data.index import check_coco, read_coco
+from mitdet.engine import coco_fast
 from mitdet.errors import DataError
 from mitdet.io import finite_or_none, read_json
 
@@ -33,7 +36,7 @@ except ImportError:  # pragma: no cover - a dependency; the stdlib parser is the
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("pycocotools", "faster_coco_eval")
+SCORERS = ("pycocotools", "faster_coco_eval", "fast")
 DEFAULT_SCORER = "faster_coco_eval"
 # COCOeval.stats in its order: (precision or recall, IoU threshold or None for 0.50:0.95, area range, max dets)
 STAT_SPECS = {
@@ -109,8 +112,21 @@ def _no_gc():
             gc.enable()
 
 
+class ArrayCOCO:
+    """The `fast` scorer's ground truth object: `dataset` and (on `mitdet_prepared`) its arrays; no index of
+    Python objects per annotation, and no COCOeval (score it with `score`)."""
+
+    def __init__(self):
+        self.dataset: dict = {}
+
+    def createIndex(self) -> None:  # noqa: N802 - the name COCO objects have
+        """Nothing to index: load_coco puts the arrays on the object."""
+
+
 def _backend(scorer: str):
-    """(COCO, COCOeval) classes of the chosen scorer."""
+    """(COCO, COCOeval) classes of the chosen scorer (`fast`: ArrayCOCO and no COCOeval)."""
+    if scorer == "fast":
+        return ArrayCOCO, None
     if scorer == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -123,6 +139,8 @@ def _backend(scorer: str):
 
 
 def _scorer_of(coco_gt) -> str:
+    if isinstance(coco_gt, ArrayCOCO):
+        return "fast"
     return "faster_coco_eval" if type(coco_gt).__module__.startswith("faster_coco_eval") else "pycocotools"
 
 
@@ -365,7 +383,7 @@ def score(gt_json, results: list[dict] | str | Path, scorer: str | None = None,
         ids = _image_subset(prep, image_ids)
         on_images, evaluated = _scored(det, prep, ids, where)
         _timed(timings, "load_results", t)
-        run = _eval_faster if scorer == "faster_coco_eval" else _eval_pycocotools
+        run = {"fast": _eval_fast, "faster_coco_eval": _eval_faster, "pycocotools": _eval_pycocotools}[scorer]
         precision, recall, params = run(coco_gt, prep, det, np.flatnonzero(evaluated), ids, timings)
         t = time.perf_counter()
         scores = _scores_from_arrays(precision, recall, params, prep, det, on_images, ids)
@@ -421,6 +439,26 @@ def _eval_faster(coco_gt, prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: n
     out = _C.COCOevalEvaluateAccumulate(p, ious, prep.cpp_gt, cpp_dt, p.imgIds, p.catIds, True)
     _timed(timings, "evaluate_accumulate", t)
     return np.asarray(out["precision"]), np.asarray(out["recall"]), p
+
+
+def _eval_fast(coco_gt, prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: np.ndarray, timings: dict):
+    """The array core: the evaluated detections and the scored images' ground truth as coco_fast.Pairs, matched
+    and accumulated with numpy."""
+    params = coco_fast.Params()
+    t = time.perf_counter()
+    g = prep.anns
+    g_rows = np.flatnonzero(_member(g.image_id, ids)[0] & _member(g.category_id, prep.cat_ids)[0])
+    gt = (np.searchsorted(ids, g.image_id[g_rows]), np.searchsorted(prep.cat_ids, g.category_id[g_rows]),
+          g.bbox[g_rows], g.area[g_rows], g.iscrowd[g_rows])
+    dt = (np.searchsorted(ids, det.image_id[rows]), np.searchsorted(prep.cat_ids, det.category_id[rows]),
+          det.bbox[rows], det.score[rows])
+    pairs, _, _ = coco_fast.group_pairs(len(prep.cat_ids), gt, dt, max(params.maxDets))
+    t = _timed(timings, "load_results", t)
+    matched, ignored = coco_fast.match(pairs, params)
+    t = _timed(timings, "evaluate", t)
+    precision, recall = coco_fast.accumulate(pairs, matched, ignored, params)
+    _timed(timings, "accumulate", t)
+    return precision, recall, params
 
 
 class _DetectionPairs:
@@ -483,15 +521,7 @@ class _DetectionPairs:
         return nested
 
 
-def _bbox_iou(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
-    """IoU of row-aligned [x, y, w, h] boxes, the operations of pycocotools' bbIou in the same order."""
-    w = np.minimum(d[:, 2] + d[:, 0], g[:, 2] + g[:, 0]) - np.maximum(d[:, 0], g[:, 0])
-    h = np.minimum(d[:, 3] + d[:, 1], g[:, 3] + g[:, 1]) - np.maximum(d[:, 1], g[:, 1])
-    inter = w * h
-    da, ga = d[:, 2] * d[:, 3], g[:, 2] * g[:, 3]
-    union = np.where(crowd, da, da + ga - inter)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((w > 0) & (h > 0), inter / union, 0.0)
+_bbox_iou = coco_fast.bbox_iou  # pycocotools' bbIou, vectorised
 
 
 # ------------------------------------------------------------------------------------------ from arrays
