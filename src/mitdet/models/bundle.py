@@ -2,7 +2,8 @@
 loads.
 
 model.json (the spec) says how to rebuild the detector: format, backbone, num_classes (K + 1), categories (id, name,
-contiguous label), the model params, which checkpoint the weights came from and its step. Only safetensors is
+contiguous label), the model params (modality and fusion among them), aux_channels (0 for RGB; N: the input is
+3 + N channels), which checkpoint the weights came from and its step. Only safetensors is
 read back: loading a model runs no pickled code.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 SPEC_FIELDS = ("backbone", "num_classes", "categories", "model")  # what save and load need
 CATEGORY_FIELDS = ("id", "name", "label")
+# model params added with RGB+X: a model.json written before them is an RGB model with these defaults
+RGBX_MODEL_KEYS = ("modality", "fusion", "aux_mean", "aux_std")
 
 
 def inference_spec(backbone: str, categories: Iterable, model: ModelParams, weights_from: str,
@@ -45,12 +48,29 @@ def save_inference_model(model: nn.Module, spec: dict, model_dir: str | os.PathL
     if missing:
         raise ValueError(f"inference model spec lacks {missing}; it needs backbone, num_classes, categories, model")
     model = getattr(model, "module", model)  # a DDP wrapper's model
+    spec = {**spec, "aux_channels": aux_channels_of(model)}  # from the model itself: what its weights take
     # safetensors wants plain contiguous CPU tensors (channels_last weights are not contiguous)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     model_dir = Path(model_dir)
     with atomic_path(model_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": INFERENCE_FORMAT})
     write_json(model_dir / SPEC_FILE, {"format": INFERENCE_FORMAT, **{k: v for k, v in spec.items() if k != "format"}})
+
+
+def aux_channels_of(model: nn.Module) -> int:
+    """The aux channels a detector's input carries besides RGB (0 for an RGB model)."""
+    body = getattr(getattr(model, "backbone", None), "body", None)
+    return int(getattr(body, "aux_channels", 0))
+
+
+def _with_rgbx_defaults(spec: dict) -> dict:
+    """`spec` with the RGB+X keys an older model.json lacks: modality rgb (and the default fusion, aux_mean,
+    aux_std) in its model params, aux_channels 0."""
+    model = spec["model"]
+    if isinstance(model, dict):
+        defaults = to_dict(ModelParams())
+        model = {**{k: defaults[k] for k in RGBX_MODEL_KEYS if k not in model}, **model}
+    return {**spec, "model": model, "aux_channels": spec.get("aux_channels", 0)}
 
 
 def _retrain(backbone: Any) -> str:
@@ -90,6 +110,11 @@ def _read_spec(model_dir: Path) -> dict:
                               where=str(path), fix=fix)
     if not isinstance(spec["num_classes"], int) or isinstance(spec["num_classes"], bool):
         raise CheckpointError(f"num_classes is {spec['num_classes']!r}, not an integer", where=str(path), fix=fix)
+    spec = _with_rgbx_defaults(spec)
+    aux = spec["aux_channels"]
+    if not isinstance(aux, int) or isinstance(aux, bool) or aux < 0:
+        raise CheckpointError(f"aux_channels is {aux!r}, not a count of channels (0 or more)", where=str(path),
+                              fix=fix)
     return spec
 
 
@@ -116,7 +141,7 @@ def load_inference_model(model_dir: str | os.PathLike, device: str | torch.devic
         # the weights are all in the file: no pretrained download, no compile for plain inference
         params = dataclasses.replace(model_params_from_dict(spec["model"]), pretrained=None, compile=False)
         with torch.device("meta"):  # no random init that the weights would overwrite (seconds for mit_b5)
-            model = build_detector(spec["backbone"], spec["num_classes"], params)
+            model = build_detector(spec["backbone"], spec["num_classes"], params, aux_channels=spec["aux_channels"])
     except (ValueError, TypeError, KeyError) as err:  # ParamsError is a ValueError; unknown backbone, bad sizes
         raise CheckpointError(f"does not describe a detector this code builds ({err})", where=str(spec_path),
                               fix=fix) from None

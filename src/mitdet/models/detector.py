@@ -15,7 +15,8 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mitdet.models.mit import build_mit
-from mitdet.models.pretrained import is_detector_folder, load_pretrained, pretrained_for
+from mitdet.models.pretrained import is_detector_folder, load_pretrained, load_pretrained_rgbx, pretrained_for
+from mitdet.models.rgbx import build_rgbx
 from mitdet.params import ModelParams
 
 # MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.
@@ -47,8 +48,9 @@ class DetectorTransform(GeneralizedRCNNTransform):
     kept as it is: no second interpolation, and no second random size draw.
     """
 
-    def __init__(self, train_min_sizes: tuple[int, ...], test_min_size: int, max_size: int):
-        super().__init__(tuple(train_min_sizes), max_size, IMAGENET_MEAN, IMAGENET_STD)
+    def __init__(self, train_min_sizes: tuple[int, ...], test_min_size: int, max_size: int,
+                 image_mean: list[float] = IMAGENET_MEAN, image_std: list[float] = IMAGENET_STD):
+        super().__init__(tuple(train_min_sizes), max_size, list(image_mean), list(image_std))
         self.train_min_sizes = tuple(train_min_sizes)
         self.test_min_size = test_min_size
 
@@ -66,21 +68,49 @@ class DetectorTransform(GeneralizedRCNNTransform):
         return super().resize(image, target)
 
 
-def build_backbone(backbone: str, model: ModelParams) -> BackboneWithFPN:
-    """The MiT encoder (encoder weights loaded when `model.pretrained` names them) under an FPN."""
-    encoder = build_mit(backbone, drop_path_rate=model.drop_path_rate, frozen_stages=model.frozen_stages)
+def build_backbone(backbone: str, model: ModelParams, aux_channels: int = 0) -> BackboneWithFPN:
+    """The MiT encoder (encoder weights loaded when `model.pretrained` names them) under an FPN; with modality
+    rgbx the dual-stream encoder of models/rgbx.py, both streams from the same checkpoint."""
+    if model.modality == "rgbx":
+        encoder = build_rgbx(backbone, aux_channels, model.fusion, drop_path_rate=model.drop_path_rate,
+                             frozen_stages=model.frozen_stages)
+    else:
+        encoder = build_mit(backbone, drop_path_rate=model.drop_path_rate, frozen_stages=model.frozen_stages)
     source = pretrained_for(model.pretrained, backbone) if model.pretrained else None
     if source and not is_detector_folder(source):  # a trained detector is loaded whole, once it is built
-        load_pretrained(encoder, source)
+        if model.modality == "rgbx":
+            load_pretrained_rgbx(encoder.rgb, encoder.aux, source)
+        else:
+            load_pretrained(encoder, source)
     return BackboneWithFPN(encoder, model.fpn_channels, channels_last=model.channels_last)
 
 
+def input_normalisation(model: ModelParams, aux_channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of the detector input: ImageNet's for RGB, then model.aux_mean/aux_std for rgbx
+    (a single value repeated over the aux channels)."""
+    if model.modality != "rgbx":
+        if aux_channels:
+            raise ValueError(f"model.modality rgb takes no aux channels; got aux_channels {aux_channels}")
+        return IMAGENET_MEAN, IMAGENET_STD
+    if aux_channels < 1:
+        raise ValueError("model.modality rgbx needs aux images: aux_channels must be at least 1 (index.aux_channels)")
+    stats = []
+    for key in ("aux_mean", "aux_std"):
+        values = list(getattr(model, key))
+        if len(values) not in (1, aux_channels):
+            raise ValueError(f"model.{key} needs 1 or {aux_channels} values (one per aux channel); got {values}")
+        stats.append(values * aux_channels if len(values) == 1 else values)
+    return IMAGENET_MEAN + stats[0], IMAGENET_STD + stats[1]
+
+
 def build_detector(backbone: str, num_classes: int, model: ModelParams,
-                   train_min_sizes: tuple[int, ...] | None = None) -> FasterRCNN:
-    """Faster R-CNN on MiT `backbone`; `num_classes` includes background (K + 1)."""
+                   train_min_sizes: tuple[int, ...] | None = None, aux_channels: int = 0) -> FasterRCNN:
+    """Faster R-CNN on MiT `backbone`; `num_classes` includes background (K + 1). With model.modality rgbx the
+    input is [3 + aux_channels, H, W] (RGB, then the aux image), fused in a dual-stream encoder."""
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be at least 2; got {num_classes}")
-    body = build_backbone(backbone, model)
+    mean, std = input_normalisation(model, aux_channels)
+    body = build_backbone(backbone, model, aux_channels)
     levels = len(body.body.out_channels) + 1  # P2..P5 and the max-pool P6
     if len(model.anchor_sizes) != levels:
         raise ValueError(f"model.anchor_sizes needs {levels} sizes (one per FPN level); got {model.anchor_sizes}")
@@ -91,7 +121,7 @@ def build_detector(backbone: str, num_classes: int, model: ModelParams,
     box_head = TwoMLPHead(model.fpn_channels * 7 * 7, roi.representation_size)
     detector = FasterRCNN(
         body, None,
-        min_size=model.min_size, max_size=model.max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+        min_size=model.min_size, max_size=model.max_size, image_mean=mean, image_std=std,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=rpn.pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn.pre_nms_top_n_test,
         rpn_post_nms_top_n_train=rpn.post_nms_top_n_train, rpn_post_nms_top_n_test=rpn.post_nms_top_n_test,
@@ -104,7 +134,8 @@ def build_detector(backbone: str, num_classes: int, model: ModelParams,
         box_fg_iou_thresh=roi.fg_iou_thresh, box_bg_iou_thresh=roi.bg_iou_thresh,
         box_batch_size_per_image=roi.batch_size_per_image, box_positive_fraction=roi.positive_fraction,
     )
-    detector.transform = DetectorTransform(train_min_sizes or (model.min_size,), model.min_size, model.max_size)
+    detector.transform = DetectorTransform(train_min_sizes or (model.min_size,), model.min_size, model.max_size,
+                                           mean, std)
     if model.channels_last:
         detector = detector.to(memory_format=torch.channels_last)
     if model.compile:
@@ -145,14 +176,16 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
 
 
 def detector_gflops(model: FasterRCNN, height: int, width: int) -> float:
-    """GFLOPs (2 x multiply-adds / 1e9) of one eval-mode forward on a height x width image.
+    """GFLOPs (2 x multiply-adds / 1e9) of one eval-mode forward on a height x width image (of 3 + N channels
+    for an RGB+X model).
 
     Counted by torch.utils.flop_counter: convolutions, linear layers and matrix products, and attention
     (CPU's fused SDPA kernel added here); not counted: norms, activations, RoIAlign, NMS, resizing.
     """
     was_training = model.training
     param = next(model.parameters())
-    image = torch.rand(3, height, width, device=param.device, dtype=param.dtype)
+    channels = len(model.transform.image_mean)  # 3, or 3 + N for RGB+X
+    image = torch.rand(channels, height, width, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops})
     model.eval()

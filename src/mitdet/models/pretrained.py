@@ -247,3 +247,30 @@ def load_pretrained(encoder: nn.Module, path_or_url: str, cache: str | os.PathLi
     path = fetch(path_or_url, cache)
     state, fmt = to_mit_names(read_state_dict(path))
     load_state_dict_strict(encoder, state, f"{path_or_url} ({fmt} format)")
+
+
+AUX_FIRST_KEY = "patch_embed1.proj.weight"  # the only tensor whose shape depends on the input channels
+
+
+def aux_first_filters(weight: Tensor, channels: int) -> Tensor:
+    """The first patch embedding's RGB filters [C, 3, k, k] for `channels` aux inputs: their mean over R, G, B
+    repeated over the aux channels and rescaled by 3 / channels."""
+    # Rescaled by 3 / N (timm's adapt_input_conv rescales so too): a uniform (gray) aux input then gives exactly
+    # the response the pretrained filters give to the same gray RGB image, whatever N, so the pretrained norm and
+    # bias that follow see activations of the magnitude they were trained on.
+    mean = weight.mean(dim=1, keepdim=True)
+    return mean.repeat(1, channels, 1, 1) * (3.0 / channels)
+
+
+def load_pretrained_rgbx(rgb: nn.Module, aux: nn.Module, path_or_url: str,
+                         cache: str | os.PathLike | None = None) -> None:
+    """Both streams of an RGB+X encoder from one SegFormer checkpoint (original or Hugging Face format): the RGB
+    stream as `load_pretrained`, the aux stream too with its first filters from `aux_first_filters`."""
+    path = fetch(path_or_url, cache)
+    state, fmt = to_mit_names(read_state_dict(path))
+    source = f"{path_or_url} ({fmt} format)"
+    load_state_dict_strict(rgb, state, source)
+    channels = aux.state_dict()[AUX_FIRST_KEY].shape[1]
+    if AUX_FIRST_KEY in state and state[AUX_FIRST_KEY].ndim == 4:
+        state = {**state, AUX_FIRST_KEY: aux_first_filters(state[AUX_FIRST_KEY], channels)}
+    load_state_dict_strict(aux, state, f"{source}, aux stream")
