@@ -121,6 +121,11 @@ def read_header(path: str) -> Header:
         os.close(fd)
 
 
+def main_image(hd: Header) -> tuple[int, int, str]:
+    """`probe`'s answer from a `read_header` result: an .npy image must be (H, W, C) uint8 with C >= 3."""
+    return _npy_image(hd) if hd.kind == "npy" else (hd.width, hd.height, hd.reason)
+
+
 def _npy_image(hd: Header) -> tuple[int, int, str]:
     """`probe`'s answer for an .npy image: (H, W, C) uint8 with C >= 3."""
     if hd.reason:

@@ -18,6 +18,14 @@ has a non-empty one (the annotation's id, or `#<position in the JSON list>` when
 rejected image are annotation rows with reason `image_rejected`, so per split
 annotations_kept (training targets) + sum(annotations_rejected) == annotations; `box_too_small` rows are left out
 of training only, so gt_annotations == annotations_kept + box_too_small.
+
+Test splits (the manifest's `tests`) are indexed like val; `layout.json` lists them with `aux_channels`. With
+`index.aux_channels` N > 0 every image needs an aligned N-channel aux image: `<aux>/<file stem>.png` or `.npy` in
+the split's aux folder (both present: `aux_ambiguous`), or, without an aux folder, channels 3.. of an .npy image of
+3 + N channels; headers only, each failure an image-level reason (`aux_missing`, `aux_ambiguous`, `aux_bad_header`,
+`aux_size_mismatch`, `aux_channels_mismatch`, `channels_mismatch`). With N = 0 nothing of this is read or written
+but layout.json. Categories are those of train and val: a box of a category only a test split has is
+`unknown_category` (the labels, and so the model, do not depend on the test splits).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mitdet.data.headers import probe, probe_many
+from mitdet.data.headers import CHANNELS_MISMATCH, main_image, probe_many, read_header
 from mitdet.errors import DataError
 from mitdet.io import atomic_path, clean_json, finite_or_none, read_json, write_json, write_text
 from mitdet.params import IndexParams
@@ -51,6 +59,7 @@ INLINE_BELOW = 2000  # fewer images than this are probed in-process: a pool cost
 COCO_LISTS = ("images", "annotations", "categories")
 REBUILD = "run `dvc repro build_index`"
 REPREPARE = "run `dvc repro prepare_data`"
+AUX_EXTS = (".png", ".npy")  # looked up in this order, lower case; both present is `aux_ambiguous`
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class ImageRecord:
     labels: np.ndarray        # int64 [N], 1..K
     category_ids: np.ndarray  # int64 [N], the dataset's own ids
     iscrowd: np.ndarray       # bool [N]
+    aux: str | None = None    # the aligned aux image (PNG or .npy; == file: channels 3.. of an .npy), or None
 
 
 @dataclass
@@ -77,6 +87,7 @@ class SplitIndex:
     split: str
     images: list[ImageRecord]
     categories: list[Category]
+    aux_channels: int = 0     # channels of each record's aux image (layout.json; 0 without one: RGB only)
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -110,12 +121,34 @@ def load_split(index_dir: str | Path, split: str, root: str | Path | None = None
             except (ValueError, KeyError, TypeError) as err:
                 raise DataError(f"not an index line ({err!r})", where=f"{path}:{n}", fix=REBUILD) from None
             boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-            file = r["file"] if root is None or os.path.isabs(r["file"]) else os.path.join(root, r["file"])
             images.append(ImageRecord(
-                image_id=int(r["image_id"]), file=file, width=int(r["width"]), height=int(r["height"]),
-                boxes=boxes, labels=np.asarray(r["labels"], np.int64), category_ids=np.asarray(r["category_ids"], np.int64),
-                iscrowd=np.asarray(r["iscrowd"], bool)))
-    return SplitIndex(split=split, images=images, categories=categories)
+                image_id=int(r["image_id"]), file=_rooted(r["file"], root), width=int(r["width"]),
+                height=int(r["height"]), boxes=boxes, labels=np.asarray(r["labels"], np.int64),
+                category_ids=np.asarray(r["category_ids"], np.int64), iscrowd=np.asarray(r["iscrowd"], bool),
+                aux=_rooted(r["aux"], root) if "aux" in r else None))
+    return SplitIndex(split=split, images=images, categories=categories,
+                      aux_channels=int(_layout(index_dir).get("aux_channels", 0)))
+
+
+def test_splits(index_dir: str | Path) -> list[str]:
+    """The test split names build_index indexed (layout.json; [] for an index without one)."""
+    return [str(t) for t in _layout(Path(index_dir)).get("tests", [])]
+
+
+def _layout(index_dir: Path) -> dict:
+    """layout.json ({"tests", "aux_channels"}); {} when absent (an index written by hand or by an older version)."""
+    path = index_dir / "layout.json"
+    if not path.is_file():
+        return {}
+    layout = read_json(path)
+    if not isinstance(layout, dict) or not isinstance(layout.get("tests", []), list) \
+            or not _is_int(layout.get("aux_channels", 0)):
+        raise DataError("not an index layout file", where=str(path), fix=REBUILD)
+    return layout
+
+
+def _rooted(file: str, root) -> str:
+    return file if root is None or os.path.isabs(file) else os.path.join(root, file)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -124,10 +157,12 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
     """Index every split the manifest names; write the outputs atomically and return the metrics."""
     t_start = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
-    manifest, splits = _read_manifest(root, manifest_path)
+    manifest, splits, tests = _read_manifest(root, manifest_path)
+    names = [*SPLITS, *tests]
     cocos = {s: read_coco(root / splits[s]["annotations"],
-                          fix=f"fix the file (data.local.{s}.annotations) or {REPREPARE} again") for s in SPLITS}
-    categories = _categories(cocos, {s: splits[s]["annotations"] for s in SPLITS})
+                          fix=f"fix the file (data.local.{s if s in SPLITS else 'tests.' + s}.annotations) or "
+                              f"{REPREPARE} again") for s in names}
+    categories = _categories({s: cocos[s] for s in SPLITS}, {s: splits[s]["annotations"] for s in SPLITS})
     label_of = {c.id: c.label for c in categories}
 
     pool = None
@@ -135,11 +170,12 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         pool = ctx.Pool(params.workers)
     rejected: list[list] = []
-    metrics: dict = {"categories": len(categories), "workers": params.workers, "min_box_size": params.min_box_size, "splits": {}}
+    metrics: dict = {"categories": len(categories), "workers": params.workers, "min_box_size": params.min_box_size,
+                     **({"aux_channels": params.aux_channels} if params.aux_channels else {}), "splits": {}}
     try:
-        for split in SPLITS:
+        for split in names:
             t0 = time.perf_counter()
-            lines, gt, counts = _index_split(split, splits[split]["images"], cocos[split], label_of, params, pool,
+            lines, gt, counts = _index_split(split, splits[split], cocos[split], label_of, params, pool,
                                              rejected, root)
             gt["categories"] = [{"id": c.id, "name": c.name} for c in categories]
             write_text(out_dir / f"{split}.jsonl", "".join(lines))
@@ -154,6 +190,7 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
             pool.join()
     write_json(out_dir / "source.json", {"source": manifest.get("source"), "fingerprint": manifest.get("fingerprint")})
     write_json(out_dir / "categories.json", [{"id": c.id, "name": c.name, "label": c.label} for c in categories])
+    write_json(out_dir / "layout.json", {"tests": tests, "aux_channels": params.aux_channels})
     with atomic_path(out_dir / "rejected.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -176,7 +213,8 @@ def _warnings(splits: dict) -> list[str]:
     out = []
     for split, m in splits.items():
         if m["images_kept"] == 0:
-            use = "validation and evaluation have nothing to score" if split == "val" else "training has no data"
+            use = ("training has no data" if split == "train" else
+                   "validation and evaluation have nothing to score" if split == "val" else "its evaluation scores nothing")
             out.append(f"{split}: no image kept (of {m['images']}); {use}: see rejected.csv")
         if m["annotation_ids_shared"]:
             out.append(f"{split}: {m['annotation_ids_shared']} annotation(s) reuse another annotation's id; all kept, "
@@ -184,19 +222,24 @@ def _warnings(splits: dict) -> list[str]:
     return out
 
 
-def _read_manifest(root: Path, manifest_path) -> tuple[dict, dict]:
-    """The raw manifest and its `splits`, each naming `images` and `annotations`; else a DataError."""
+def _read_manifest(root: Path, manifest_path) -> tuple[dict, dict, list[str]]:
+    """The raw manifest, its `splits` (each naming `images` and `annotations`) and test split names; else a
+    DataError."""
     if not (root / manifest_path).is_file():
         raise DataError("not found: the data is not prepared yet", where=str(manifest_path), fix=f"{REPREPARE} first")
     manifest = read_json(root / manifest_path)
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not isinstance(splits, dict):
         raise DataError("no `splits` mapping", where=str(manifest_path), fix=f"{REPREPARE} again")
-    for split in SPLITS:
+    tests = manifest.get("tests", [])
+    if not isinstance(tests, list) or not all(isinstance(t, str) and t not in SPLITS for t in tests):
+        raise DataError(f"`tests` must list test split names; got {_short(tests)}", where=str(manifest_path),
+                        fix=f"{REPREPARE} again")
+    for split in (*SPLITS, *tests):
         if not isinstance(splits.get(split), dict) or not {"images", "annotations"} <= set(splits[split]):
             raise DataError(f"split '{split}' is missing (it needs `images` and `annotations`)",
                             where=str(manifest_path), fix=f"{REPREPARE} again or fix data.local.{split}")
-    return manifest, splits
+    return manifest, splits, tests
 
 
 # ----------------------------------------------------------------------------------------- COCO JSON shape
@@ -330,8 +373,9 @@ class _Box:
     clipped: bool
 
 
-def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root):
+def _index_split(split, paths, coco, label_of, params, pool, rejected, root):
     """One split: (index lines, evaluation ground truth, counts); rejected rows are appended to `rejected`."""
+    images_dir, n_aux = paths["images"], params.aux_channels
     counts = {"images": len(coco["images"]), "images_kept": 0, "annotations": len(coco["annotations"]),
               "annotations_kept": 0, "crowd_kept": 0, "boxes_clipped": 0, "gt_annotations": 0,
               "annotation_ids_shared": 0}
@@ -340,10 +384,16 @@ def _index_split(split, images_dir, coco, label_of, params, pool, rejected, root
     # headers, in parallel: started now, collected after the annotations, so the two overlap
     files = [e[1] for e in entries.values()]
     probe_paths = files if str(root) in ("", ".") else [os.path.join(root, f) for f in files]
+    aux_bases = None
+    if n_aux:  # the aux path of each image, without extension (relative as `file` is, and as probed)
+        aux_bases = [None if paths.get("aux") is None else
+                     os.path.join(paths["aux"], os.path.splitext(e[0]["file_name"])[0]) for e in entries.values()]
+        probe_paths = [(p, None if b is None else os.path.join(root, b), n_aux)
+                       for p, b in zip(probe_paths, aux_bases, strict=True)]
     pending = _probe_start(probe_paths, pool, params.workers)
     counts["annotation_ids_shared"] = _attach_annotations(coco["annotations"], entries, rejected_image_ids,
                                                           label_of, params.min_box_size, rejects)
-    lines, gt_images, gt_anns = _kept_images(entries, _probe_finish(pending), label_of, counts, rejects)
+    lines, gt_images, gt_anns = _kept_images(entries, _probe_finish(pending), label_of, counts, rejects, aux_bases)
     counts["images_rejected"] = dict(sorted(rejects.images.items()))
     counts["annotations_rejected"] = dict(sorted(rejects.annotations.items()))
     gt = {"info": coco.get("info", {}) if isinstance(coco.get("info"), dict) else {},
@@ -460,13 +510,15 @@ def _clip_box(bbox, im: dict, min_size: float) -> tuple[str, list | None, bool]:
     return "", [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)], clipped
 
 
-def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, rejects: _Rejects):
-    """(index lines, GT images, GT annotations) of the images whose header matches their JSON size; an image
-    whose file is bad or of another size is dropped with its boxes."""
+def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, rejects: _Rejects, aux_bases=None):
+    """(index lines, GT images, GT annotations) of the images whose header matches their JSON size (and whose aux
+    image, with `aux_bases`, is usable); an image whose file is bad or of another size is dropped with its boxes."""
     lines, gt_images, gt_anns = [], [], []
-    for (image_id, (im, file, boxes)), (w, h, reason) in zip(entries.items(), probed, strict=True):
+    for k, ((image_id, (im, file, boxes)), result) in enumerate(zip(entries.items(), probed, strict=True)):
+        w, h, reason = result[:3]
         if not reason and (w, h) != (im["width"], im["height"]):
             reason = "size_mismatch"
+        reason = reason or (result[3] if aux_bases is not None else "")
         if reason:
             rejects.image(file, image_id, reason)
             for b in boxes:  # dropped with their image
@@ -478,11 +530,13 @@ def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, reje
         counts["annotations_kept"] += len(train)
         counts["crowd_kept"] += sum(crowd)
         counts["boxes_clipped"] += sum(b.clipped for b in train)
-        lines.append(_dumps({
-            "image_id": image_id, "file": file, "width": im["width"], "height": im["height"],
-            "boxes": [b.train_box for b in train], "category_ids": [b.ann["category_id"] for b in train],
-            "labels": [label_of[b.ann["category_id"]] for b in train], "iscrowd": crowd,
-            "ann_ids": [b.ann["id"] for b in train]}))
+        line = {"image_id": image_id, "file": file, "width": im["width"], "height": im["height"],
+                "boxes": [b.train_box for b in train], "category_ids": [b.ann["category_id"] for b in train],
+                "labels": [label_of[b.ann["category_id"]] for b in train], "iscrowd": crowd,
+                "ann_ids": [b.ann["id"] for b in train]}
+        if aux_bases is not None:
+            line["aux"] = file if result[4] == "" else aux_bases[k] + result[4]
+        lines.append(_dumps(line))
         for b in boxes:  # too small to learn from, yet scored against: the official ground truth has them
             if b.train_box is None:
                 rejects.annotation(file, image_id, b.ann["id"], "box_too_small")
@@ -503,12 +557,41 @@ def _gt_annotation(a: dict, new_id: int) -> dict:
             "iscrowd": int(a.get("iscrowd", 0))}
 
 
-def _probe_start(paths: list[str], pool, workers: int):
-    """Start reading the headers of `paths`: large chunks across the pool (in-process when few)."""
+def _probe_start(paths: list, pool, workers: int):
+    """Start reading the headers of `paths` (or of (path, aux base, N) items: `probe_with_aux`): large chunks
+    across the pool (in-process when few)."""
+    many = probe_many if not paths or isinstance(paths[0], str) else probe_many_with_aux
     if pool is None or len(paths) < INLINE_BELOW:
-        return [probe(p) for p in paths]
+        return many(paths)
     chunk = max(1000, math.ceil(len(paths) / (workers * 4)))
-    return pool.map_async(probe_many, [paths[i:i + chunk] for i in range(0, len(paths), chunk)])
+    return pool.map_async(many, [paths[i:i + chunk] for i in range(0, len(paths), chunk)])
+
+
+def probe_many_with_aux(items: list[tuple]) -> list[tuple[int, int, str, str, str]]:
+    """`probe_with_aux` over a chunk of (path, aux base or None, N) items (one index process's unit of work)."""
+    return [probe_with_aux(*item) for item in items]
+
+
+def probe_with_aux(path: str, aux_base: str | None, n: int) -> tuple[int, int, str, str, str]:
+    """(width, height, image reason, aux reason, aux extension): the aux image is `aux_base` + .png or .npy with
+    N channels at the image's size, or (no aux_base) channels 3.. of an .npy image of 3 + N (extension "")."""
+    hd = read_header(path)
+    w, h, reason = main_image(hd)
+    if reason:
+        return w, h, reason, "", ""
+    if aux_base is None:
+        if hd.kind != "npy":
+            return w, h, "", "aux_missing", ""
+        return w, h, "", "" if hd.channels == 3 + n else CHANNELS_MISMATCH, ""
+    found = [ext for ext in AUX_EXTS if os.path.isfile(aux_base + ext)]
+    if len(found) != 1:
+        return w, h, "", "aux_missing" if not found else "aux_ambiguous", ""
+    aux = read_header(aux_base + found[0])
+    if aux.reason or aux.kind not in ("png", "npy") or aux.bits not in (8, 16):
+        return w, h, "", "aux_bad_header", found[0]
+    if (aux.width, aux.height) != (w, h):
+        return w, h, "", "aux_size_mismatch", found[0]
+    return w, h, "", "" if aux.channels == n else "aux_channels_mismatch", found[0]
 
 
 def _probe_finish(pending) -> list[tuple[int, int, str]]:
