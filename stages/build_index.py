@@ -1,6 +1,6 @@
 """Stage build_index: validate images (headers only) and annotations; write data/index/* and metrics/index.json.
 
-Reads params `index` only; the data comes through data/raw/manifest.json.
+Reads params `index` only; the data comes through data/raw/manifest.json (train, val and its test splits).
 """
 from __future__ import annotations
 

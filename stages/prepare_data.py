@@ -1,7 +1,8 @@
 """Stage prepare_data: make data.source available and write data/raw/manifest.json.
 
 Reads params `data` and `seed`. synthetic -> generates data/raw/synthetic/; coco2017 -> downloads into
-data.coco2017.download_dir (outside DVC's cache) and points at it; local -> points at data.local.* (no copy).
+data.coco2017.download_dir (outside DVC's cache) and points at it; local -> points at data.local.* (no copy);
+yolo -> converts data.yolo's label folders into data/raw/yolo/annotations/ (COCO JSON) and points at its images.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare(params.data, params.seed)
     for split, d in manifest["splits"].items():
         n = manifest["fingerprint"][split]["images"]
-        print(f"{split}: {n} image files in {d['images']}, annotations {d['annotations']}")
+        aux = f", aux {d['aux']}" if "aux" in d else ""
+        print(f"{split}: {n} image files in {d['images']}, annotations {d['annotations']}{aux}")
     print(f"wrote {RAW_MANIFEST} (source: {manifest['source']})")
     return 0
 
