@@ -10,6 +10,16 @@ learning took off only after about 600 steps (AP50 0.126 after 30 minutes). The 
 600 steps in all, so its classes must be learnable within a few hundred.
 
 Same seed and params -> byte-identical JPEG files and JSON.
+
+Thermal (`data.synthetic.aux: thermal`): each image also gets an aligned 1-channel 16-bit PNG in
+`<split>_aux/<stem>.png`. Three classes (circle, square, star) become warm/cold twins: each such object is drawn
+warm or cold at random, and its category becomes `<name>_warm` (the class's own id) or `<name>_cold` (an id of its
+own). The twins look exactly alike in RGB: the JPEGs are byte-identical to the `aux: none` ones, because the
+thermal image and the warm/cold draws come from their own generator (seeded by image and a stream code), so the
+RGB draws do not change; an RGB-only model can only guess which twin it sees (50%), RGB+X can read it off the
+thermal image. Thermal image: a background at a random level with a linear gradient, a smooth low-frequency field
+and mild pixel noise; warm objects are much brighter over their exact visible mask, cold objects and every other
+class (and crowd regions) stay within a little of the background.
 """
 from __future__ import annotations
 
@@ -35,26 +45,33 @@ CATEGORIES = [
     {"id": 55, "name": "bar", "color": (150, 30, 110)},       # purple
 ]
 SPLIT_CODES = {"train": 1, "val": 2}
+THERMAL_STREAM = 7  # the thermal generator's seed: [seed, split code, image, THERMAL_STREAM]
+# thermal twins: class name -> the id of its `_cold` twin (its `_warm` twin keeps the class's own id)
+TWINS = {"circle": 61, "square": 77, "star": 90}
 VAL_ID_OFFSET = 1_000_000  # image ids never repeat across splits
 
 
 def generate(out_dir: str | Path, params: SyntheticParams, seed: int) -> dict[str, dict[str, str]]:
-    """Write `out_dir/{train,val}/*.jpg` and `out_dir/annotations/instances_{split}.json`; return the splits."""
+    """Write `out_dir/{train,val}/*.jpg` (with aux thermal: `out_dir/{split}_aux/*.png` too) and
+    `out_dir/annotations/instances_{split}.json`; return the splits."""
     out_dir = Path(out_dir)
+    thermal = params.aux == "thermal"
     splits = {}
     for split, count in (("train", params.train_images), ("val", params.val_images)):
-        img_dir = out_dir / split
+        img_dir, aux_dir = out_dir / split, out_dir / f"{split}_aux"
         img_dir.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
             image_id = i + 1 + (VAL_ID_OFFSET if split == "val" else 0)
             rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
-            pixels, objects = make_image(rng, params)
+            pixels, objects, owner = _compose(rng, params)
             name = f"{image_id:012d}.jpg"
-            ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality])
-            if not ok:
-                raise RuntimeError(f"cv2.imencode failed for synthetic image {name}")
-            write_bytes(img_dir / name, buf.tobytes())
+            write_bytes(img_dir / name, _encode(name, ".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, params.jpeg_quality]))
+            if thermal:
+                heat = make_thermal(np.random.default_rng([seed, SPLIT_CODES[split], i, THERMAL_STREAM]),
+                                    objects, owner)
+                write_bytes(aux_dir / f"{image_id:012d}.png", _encode(name, ".png", heat, []))
+            objects = [o for o in objects if o["area"] > 0]
             h, w = pixels.shape[:2]
             images.append({"id": image_id, "file_name": name, "width": w, "height": h})
             for obj in objects:
@@ -70,16 +87,41 @@ def generate(out_dir: str | Path, params: SyntheticParams, seed: int) -> dict[st
             "licenses": [],
             "images": images,
             "annotations": annotations,
-            "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in CATEGORIES],
+            "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in categories(params)],
         }
         ann_path = out_dir / "annotations" / f"instances_{split}.json"
         write_text(ann_path, json.dumps(coco, separators=(",", ":")) + "\n")
         splits[split] = {"images": str(img_dir), "annotations": str(ann_path)}
+        if thermal:
+            splits[split]["aux"] = str(aux_dir)
     return splits
+
+
+def categories(params: SyntheticParams) -> list[dict]:
+    """The dataset's categories: CATEGORIES, with thermal each twin class as `<name>_warm`, plus the `_cold` twins."""
+    if params.aux != "thermal":
+        return CATEGORIES
+    warm = [{**c, "name": f"{c['name']}_warm"} if c["name"] in TWINS else c for c in CATEGORIES]
+    cold = [{**c, "id": TWINS[c["name"]], "name": f"{c['name']}_cold"} for c in CATEGORIES if c["name"] in TWINS]
+    return warm + cold
+
+
+def _encode(name: str, ext: str, pixels: np.ndarray, flags: list[int]) -> bytes:
+    ok, buf = cv2.imencode(ext, pixels, flags)
+    if not ok:
+        raise RuntimeError(f"cv2.imencode({ext}) failed for synthetic image {name}")
+    return buf.tobytes()
 
 
 def make_image(rng: np.random.Generator, params: SyntheticParams) -> tuple[np.ndarray, list[dict]]:
     """One image (uint8 HxWx3 BGR, or HxW when grayscale) and its objects (bbox xywh, category_id, area, iscrowd)."""
+    img, objects, _ = _compose(rng, params)
+    return img, [o for o in objects if o["area"] > 0]
+
+
+def _compose(rng: np.random.Generator, params: SyntheticParams) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """`make_image`'s image and all its objects (object k owns the pixels where the returned map is k, 1-based;
+    crowd -1), before the objects left with no visible pixel are dropped."""
     w = int(rng.integers(params.min_side, params.max_side + 1))
     h = int(rng.integers(params.min_side, params.max_side + 1))
     img = _background(rng, h, w)
@@ -96,10 +138,32 @@ def make_image(rng: np.random.Generator, params: SyntheticParams) -> tuple[np.nd
     for k, obj in enumerate(objects, start=1):  # COCO area: the visible pixels of the object
         if not obj["iscrowd"]:
             obj["area"] = float(np.count_nonzero(owner == k))
-    objects = [o for o in objects if o["area"] > 0]
     if rng.random() < params.grayscale_fraction:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)  # written as a 1-channel JPEG
-    return img, objects
+    return img, objects, owner
+
+
+def make_thermal(rng: np.random.Generator, objects: list[dict], owner: np.ndarray) -> np.ndarray:
+    """The thermal image (uint16 HxW) of one composed image; sets each twin-class object's warm or cold
+    category_id (module docstring). `rng` is the image's own thermal generator."""
+    h, w = owner.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    gx, gy = rng.uniform(-3000, 3000, 2)
+    grid = rng.normal(0, 700, size=(int(rng.integers(3, 6)), int(rng.integers(3, 6)))).astype(np.float32)
+    heat = (rng.uniform(18000, 26000) + gx * xs / w + gy * ys / h
+            + cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC))
+    names = {c["id"]: c["name"] for c in CATEGORIES}
+    for k, obj in enumerate(objects, start=1):
+        name = names[obj["category_id"]]
+        if obj["iscrowd"] or name not in TWINS:
+            continue
+        warm = rng.random() < 0.5
+        sel = owner == k
+        heat[sel] += rng.uniform(12000, 20000) if warm else rng.normal(0, 300)
+        if not warm:
+            obj["category_id"] = TWINS[name]
+    heat += rng.normal(0, 250, size=(h, w))
+    return np.clip(np.round(heat), 0, 65535).astype(np.uint16)
 
 
 def _background(rng, h, w) -> np.ndarray:
