@@ -135,6 +135,9 @@ def test_splits(index_dir: str | Path) -> list[str]:
     return [str(t) for t in _layout(Path(index_dir)).get("tests", [])]
 
 
+test_splits.__test__ = False  # not a test: pytest would collect it wherever a test module imports it
+
+
 def _layout(index_dir: Path) -> dict:
     """layout.json ({"tests", "aux_channels"}); {} when absent (an index written by hand or by an older version)."""
     path = index_dir / "layout.json"
