@@ -187,7 +187,7 @@ def test_a_split_dropped_from_the_layout_leaves_no_stale_files(project, tmp_path
 def test_layout_errors_name_the_file(tmp_path):
     write_index(tmp_path, n_train=1, n_val=1)
     assert load_test_splits(tmp_path, ["val"]) == {}  # no layout.json: no test split
-    for bad in ("day", ["val"], ["day", "day"], ["../x"]):
+    for bad in ("day", ["val"], ["day", "day"], ["../x"], [".hidden"]):
         write_json(tmp_path / "data/index/layout.json", {"tests": bad, "aux_channels": 0})
         with pytest.raises(DataError, match="layout.json"):
             load_test_splits(tmp_path, ["val"])
@@ -227,3 +227,32 @@ def test_report_without_test_splits_is_as_before(project, tmp_path):
     assert "by_split" not in out and "By split" not in (tmp_path / REPORT_MD).read_text()
     with open(tmp_path / REPORT_AP_BY_SPLIT_CSV, newline="") as f:
         assert [(r["backbone"], r["split"]) for r in csv.DictReader(f)] == [(B, "val")]
+
+
+def test_official_coco_annotations_as_a_test_split(fixtures_dir, tmp_path):
+    """Real COCO photos through build_index with val2017 indexed a second time as a test split: the split scores
+    exactly as val does (same predictions, same stats) and as pycocotools does on the index's ground truth."""
+    from mitdet.data.index import build_index
+    from mitdet.models import build_detector, save_inference_model
+    from mitdet.params import IndexParams
+
+    tiny = fixtures_dir / "coco2017-tiny50"
+    val = {"images": str(tiny / "val2017"), "annotations": str(tiny / "annotations/instances_val2017.json")}
+    splits = {"train": {"images": str(tiny / "train2017"),
+                        "annotations": str(tiny / "annotations/instances_train2017.json")}, "val": val, "official": val}
+    write_json(tmp_path / "data/raw/manifest.json", {"source": "local", "splits": splits, "tests": ["official"]})
+    build_index("data/raw/manifest.json", IndexParams(workers=1), tmp_path / "data/index", root=tmp_path)
+    categories = read_json(tmp_path / "data/index/categories.json")
+    torch.manual_seed(0)
+    params = dataclasses.replace(tiny_model(96), max_size=128, roi=RoiParams(score_thresh=0.0, detections_per_img=30))
+    save_inference_model(build_detector(B, len(categories) + 1, params), {
+        "backbone": B, "num_classes": len(categories) + 1, "categories": categories, "model": to_dict(params)},
+        tmp_path / BP.model_dir)
+    metrics = evaluate(tmp_path)
+    official = metrics["tests"]["official"]
+    assert official["num_images"] == metrics["num_images"] == 50
+    assert (tmp_path / BP.test_predictions("official")).read_bytes() == (tmp_path / BP.predictions).read_bytes()
+    assert {k: official[k] for k in STAT_ORDER} == {k: metrics[k] for k in STAT_ORDER}
+    assert official["per_class"] == read_json(tmp_path / BP.per_class_metrics)
+    assert_stats(official, pycocotools_stats(tmp_path / "data/index/instances_official.json",
+                                             tmp_path / BP.test_predictions("official")))

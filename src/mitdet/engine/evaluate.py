@@ -18,7 +18,7 @@ from mitdet.engine.device import resolve_device
 from mitdet.engine.inference import measure_speed, predict
 from mitdet.engine.scoring import Scores, per_class_table, score
 from mitdet.errors import CheckpointError, DataError
-from mitdet.io import csv_text, read_json, write_json, write_text
+from mitdet.io import csv_text, write_json, write_text
 from mitdet.models.bundle import load_inference_model
 from mitdet.models.detector import set_inference
 from mitdet.models.pretrained import load_state_dict_strict
@@ -224,17 +224,13 @@ def check_categories(index, categories: list[dict], root: Path, backbone: str) -
                               fix=f"run `dvc repro train_{backbone}`")
 
 
-def test_split_names(index_dir: str | Path) -> list[str]:
-    """The test splits data/index/layout.json names (`"tests"`, params order); [] without a layout.json."""
-    path = Path(index_dir) / "layout.json"
-    if not path.is_file():
-        return []
-    layout = read_json(path)
-    tests = layout.get("tests", []) if isinstance(layout, dict) else None
-    if not isinstance(tests, list) or not all(isinstance(t, str) and SPLIT_NAME.fullmatch(t) for t in tests) \
-            or {"train", "val"} & set(tests) or len(set(tests)) != len(tests):
-        raise DataError(f"\"tests\" is {tests!r}: not a list of distinct split names (letters, digits, _ . -; not "
-                        "train or val)", where=str(path), fix="run `dvc repro build_index`")
+def listed_test_splits(index_dir: str | Path) -> list[str]:
+    """The test splits data/index/layout.json names (params order; [] without one), checked as file names."""
+    from mitdet.data.index import test_splits
+    tests = test_splits(index_dir)
+    if not all(SPLIT_NAME.fullmatch(t) for t in tests) or {"train", "val"} & set(tests) or len(set(tests)) < len(tests):
+        raise DataError(f'"tests" is {tests!r}: not distinct split names (letters, digits, _ . -; not train or val)',
+                        where=str(Path(index_dir) / "layout.json"), fix="run `dvc repro build_index`")
     return tests
 
 
@@ -242,7 +238,7 @@ def load_test_splits(root: Path, scored: list[str]) -> dict[str, Any]:
     """name -> SplitIndex of each test split (but those in `scored`), its ground truth checked to be there."""
     from mitdet.data.index import load_split
     tests = {}
-    for name in test_split_names(root / INDEX_DIR):
+    for name in listed_test_splits(root / INDEX_DIR):
         if name in scored:
             continue
         gt = root / INDEX_DIR / f"instances_{name}.json"
