@@ -154,7 +154,7 @@ def _npy_header(fd: int, head: bytes, size: int) -> Header:
         else:
             return Header(0, 0, reason=BAD_HEADER)
     except (ValueError, SyntaxError, TypeError, EOFError, struct.error):
-        return Header(0, 0, reason=TRUNCATED if len(head) < NPY_HEAD_BYTES and len(head) == size else BAD_HEADER)
+        return Header(0, 0, reason=TRUNCATED if _npy_header_end(head) > size else BAD_HEADER)
     if dtype.hasobject or dtype.kind != "u" or dtype.itemsize not in (1, 2) or len(shape) not in (2, 3):
         return Header(0, 0, reason=UNSUPPORTED_ARRAY)
     if min(shape) <= 0:
@@ -163,6 +163,13 @@ def _npy_header(fd: int, head: bytes, size: int) -> Header:
         return Header(0, 0, reason=TRUNCATED)
     channels = shape[2] if len(shape) == 3 else 1
     return Header(int(shape[1]), int(shape[0]), int(channels), 8 * dtype.itemsize, "npy", len(shape))
+
+
+def _npy_header_end(head: bytes) -> int:
+    """Where the .npy header says it ends (magic, version, length field, header); 0 when it cannot say."""
+    if len(head) >= 12 and head[6] in (2, 3):
+        return 12 + struct.unpack("<I", head[8:12])[0]
+    return 10 + struct.unpack("<H", head[8:10])[0] if len(head) >= 10 else 0
 
 
 def _jpeg_channels(fd: int, head: bytes, size: int) -> int:
