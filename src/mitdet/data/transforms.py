@@ -269,17 +269,22 @@ def _channels_last(image: np.ndarray) -> np.ndarray:
 
 
 def _resize_reduced(image, boxes, labels, orig: tuple[int, int], new: tuple[int, int]) -> dict:
-    """The resizer's output for an image decoded at reduced size: its pixels resized to `new`, the boxes
-    computed from the `orig` size with albumentations' arithmetic (normalise, clip, drop empty, scale)."""
+    """The resizer's output for an image decoded at reduced size: its pixels resized to `new`, its boxes computed
+    from the `orig` size by albumentations' own arithmetic, bit for bit (float32 normalised, clipped; then the
+    filter after the transform and the final one, each a float64 denormalise-clip-normalise; then scaled)."""
     (h, w), (nh, nw) = orig, new
-    norm = boxes.astype(np.float64)
-    norm[:, [0, 2]] /= w
-    norm[:, [1, 3]] /= h
-    norm = np.clip(norm, 0, 1)
-    px = norm * np.array([nw, nh, nw, nh], dtype=float)
-    keep = (px[:, 2] - px[:, 0]) * (px[:, 3] - px[:, 1]) >= 1e-7
-    return {"image": cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR), "bboxes": px[keep],
-            "labels": np.asarray(labels)[keep]}
+    norm = boxes.astype(np.float32)
+    norm[:, [0, 2]] = norm[:, [0, 2]].astype(float) / w
+    norm[:, [1, 3]] = norm[:, [1, 3]].astype(float) / h
+    norm = np.clip(norm, 0, 1).astype(float)
+    size = np.array([nw, nh, nw, nh], dtype=float)
+    for _ in range(2):
+        px = norm * size
+        keep = (px[:, 2] - px[:, 0]) * (px[:, 3] - px[:, 1]) >= 1e-7
+        norm = (np.clip(px, 0, size) / size)[keep]
+        labels = np.asarray(labels)[keep]
+    return {"image": cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR), "bboxes": norm * size,
+            "labels": labels}
 
 
 def build_transform(model: ModelParams, augment: AugmentParams | None, seed: int) -> DetectionTransform:
