@@ -69,9 +69,8 @@ def group_pairs(n_cats: int, gt: tuple, dt: tuple, max_det: int) -> tuple[Pairs,
 
 def ranks(sorted_keys: np.ndarray) -> np.ndarray:
     """Each entry's position among the equal keys before it (keys sorted)."""
-    n = len(sorted_keys)
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]) if n else np.zeros(0, np.int64)
-    return np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    starts = _starts(sorted_keys)
+    return np.arange(len(sorted_keys)) - np.repeat(starts, np.diff(np.r_[starts, len(sorted_keys)]))
 
 
 def bbox_iou(d: np.ndarray, g: np.ndarray, crowd: np.ndarray) -> np.ndarray:
@@ -123,38 +122,49 @@ def priorities(c: Candidates) -> np.ndarray:
     return key
 
 
-def match(p: Pairs, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """(matched [A, T, n], ignored [A, T, n]) of the detections, COCOeval's dtMatches > 0 and dtIgnore."""
+@dataclass
+class Matches:
+    """The matched detections, one entry per (area range, IoU threshold, detection) that found a GT (COCOeval's
+    dtMatches > 0), and whether that GT is ignored there (the detection then is too). Every other detection is
+    unmatched: a false positive where its box area is inside the area range, ignored where it is outside."""
+    area: np.ndarray  # area range index
+    thr: np.ndarray  # IoU threshold index
+    det: np.ndarray  # detection index (into Pairs' dt arrays)
+    gt_ignored: np.ndarray
+
+
+def match(p: Pairs, params: Params) -> Matches:
+    """COCOeval.evaluateImg's greedy matching for every pair, area range and IoU threshold."""
     thrs = np.minimum(np.asarray(params.iouThrs), 1 - 1e-10)
     c = candidates(p, params)
     key = priorities(c)
     gts, g_local = np.unique(c.gt, return_inverse=True)
-    shape = (len(params.areaRng), len(thrs))
-    taken = np.zeros(shape + (len(gts),), bool)
-    matched, ignored = np.zeros(shape + (len(p.dt_pair),), bool), np.zeros(shape + (len(p.dt_pair),), bool)
+    taken = np.zeros((len(params.areaRng), len(thrs), len(gts)), bool)
     crowd = p.gt_crowd[c.gt]
     step = np.argsort(p.dt_rank[c.det], kind="stable")  # stays sorted by detection within a rank
     bounds = np.searchsorted(p.dt_rank[c.det][step], np.arange(max(params.maxDets) + 1))
+    found = []
     for r in range(max(params.maxDets)):  # one detection of each pair at a time, all pairs at once
         e = step[bounds[r]:bounds[r + 1]]
         if len(e):
-            _match_rank(e, c, key, crowd, g_local, thrs, taken, matched, ignored)
-    unmatched_outside = ~matched & outside(p.dt_bbox[:, 2] * p.dt_bbox[:, 3], params)[:, None, :]
-    return matched, ignored | unmatched_outside
+            found.append(_match_rank(e, c, key, crowd, g_local, thrs, taken))
+    if not found:
+        return Matches(*(np.zeros(0, np.int64),) * 3, np.zeros(0, bool))
+    return Matches(*(np.concatenate(parts) for parts in zip(*found, strict=True)))
 
 
-def _match_rank(e, c: Candidates, key, crowd, g_local, thrs, taken, matched, ignored) -> None:
-    """Match the detections of one rank (entries `e`, grouped by detection), updating the arrays in place."""
+def _match_rank(e, c: Candidates, key, crowd, g_local, thrs, taken) -> tuple:
+    """Match the detections of one rank (entries `e`, grouped by detection); marks their GT taken and returns
+    (area, threshold, detection, GT ignored) of the matches."""
     dd, gl = c.det[e], g_local[e]
     segs = np.flatnonzero(np.r_[True, dd[1:] != dd[:-1]])
     free = (c.iou[e] >= thrs[:, None])[None] & (crowd[e] | ~taken[:, :, gl])  # [A, T, entries]
     k = np.where(free, key[:, e][:, None, :], -1)
     best = np.maximum.reduceat(k, segs, axis=2)
     seg_of = np.repeat(np.arange(len(segs)), np.diff(np.r_[segs, len(e)]))
-    ai, ti, ei = np.nonzero(free & (k == best[:, :, seg_of]))
+    ai, ti, ei = np.nonzero(free & (k == best[:, :, seg_of]))  # one entry per detection: keys differ
     taken[ai, ti, gl[ei]] = True
-    matched[ai, ti, dd[ei]] = True
-    ignored[ai, ti, dd[ei]] = c.ignored[ai, e[ei]]
+    return ai, ti, dd[ei], c.ignored[ai, e[ei]]
 
 
 # ------------------------------------------------------------------------------------------ accumulation
@@ -165,51 +175,82 @@ def gt_counts(p: Pairs, params: Params) -> np.ndarray:
     return np.stack([np.bincount(cat[ok[a]], minlength=p.n_cats) for a in range(len(params.areaRng))], axis=1)
 
 
-def accumulate(p: Pairs, matched: np.ndarray, ignored: np.ndarray, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """precision [T, R, K, A, M] (at max(maxDets); -1 in the other M columns) and recall [T, K, A, M]."""
+def _starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal keys begins (keys sorted)."""
+    if not len(sorted_keys):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+
+
+def _segment_cumsum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Cumulative sums restarting at each of `starts` (sorted, starts[0] == 0)."""
+    total = np.cumsum(values)
+    before = (total - values)[starts]
+    return total - np.repeat(before, np.diff(np.r_[starts, len(values)]))
+
+
+def class_order(p: Pairs) -> np.ndarray:
+    """The detections class by class in pycocotools' accumulation order: score, best first; ties in image order,
+    then rank in the pair. They are sorted by (image, category, rank) already, so two stable sorts do it."""
+    by_score = np.argsort(-p.dt_score, kind="stable")
+    cat = (p.dt_pair % p.n_cats)[by_score]
+    return by_score[np.argsort(cat.astype(np.int16) if p.n_cats < 2 ** 15 else cat, kind="stable")]
+
+
+def accumulate(p: Pairs, m: Matches, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """COCOeval.accumulate: precision [T, R, K, A, M] (at max(maxDets); -1 in the other M columns) and recall
+    [T, K, A, M].
+
+    pycocotools sorts each class's detections by score (ties: image order, then rank in the pair) and takes
+    cumulative true and false positives over them. Only the true positives matter for precision at the recall
+    points (precision rises only there), so they are computed there alone: the count of detections not ignored up
+    to a true positive is the count of unmatched-looking ones inside the area range (one cumulative sum per area
+    range) corrected at the matched ones; the float operations are pycocotools' own."""
     K, A, T, M, R = p.n_cats, len(params.areaRng), len(params.iouThrs), len(params.maxDets), len(params.recThrs)
     npig = gt_counts(p, params)
     valid = npig > 0  # pycocotools: -1 where npig is 0, whether or not the class has detections
     cat = p.dt_pair % K
-    tp, fp = matched & ~ignored, ~matched & ~ignored
-    recall = -np.ones((T, K, A, M))
-    for mi, m in enumerate(params.maxDets):
-        a, t, d = np.nonzero(tp & (p.dt_rank < m))
-        hits = np.bincount((a * T + t) * K + cat[d], minlength=A * T * K).reshape(A, T, K)
+    order = class_order(p)
+    pos = np.empty_like(order)
+    pos[order] = np.arange(len(order))  # each detection's place in its class's sequence
+    class_start = np.searchsorted(cat[order], np.arange(K))
+    counted_if_unmatched = ~outside(p.dt_bbox[:, 2] * p.dt_bbox[:, 3], params)[:, order]  # [A, n]
+    before = np.cumsum(counted_if_unmatched, axis=1)  # [A, n], over all classes in sequence
+    before = np.hstack([np.zeros((A, 1), np.int64), before])  # before[:, i]: counted among the first i
+
+    mk, mpos = cat[m.det], pos[m.det]
+    o = np.argsort(((m.area * T + m.thr) * K + mk) * max(len(order), 1) + mpos)  # unique keys: (group, place)
+    mk, mpos, det, area, tp = mk[o], mpos[o], m.det[o], m.area[o], ~m.gt_ignored[o]
+    group = (area * T + m.thr[o]) * K + mk  # (area range, threshold, class)
+    starts = _starts(group)
+    # counted (not ignored) detections of the class up to and including each matched one
+    delta = tp.astype(np.int64) - counted_if_unmatched[area, mpos]
+    counted = before[area, mpos + 1] - before[area, class_start[mk]] + _segment_cumsum(delta, starts)
+
+    recall = np.empty((A, T, K, M))
+    for mi, max_det in enumerate(params.maxDets):
+        hits = np.bincount(group[tp & (p.dt_rank[det] < max_det)], minlength=A * T * K).reshape(A, T, K)
         with np.errstate(divide="ignore", invalid="ignore"):
-            recall[:, :, :, mi] = np.where(valid.T[:, None, :], hits / npig.T[:, None, :], -1).transpose(1, 2, 0)
-    # pycocotools' order within a class: score, best first; ties in image order, then rank in the pair
-    order = np.lexsort((p.dt_rank, p.dt_pair // K, -p.dt_score, cat))
-    bounds = np.searchsorted(cat[order], np.arange(K + 1))
+            recall[..., mi] = np.where(valid.T[:, None, :], hits / npig.T[:, None, :], -1.0)
+    recall = recall.transpose(1, 2, 0, 3)
+
     precision = -np.ones((T, R, K, A, M))
-    for k in np.flatnonzero(valid.any(axis=1)):
-        sel = order[bounds[k]:bounds[k + 1]]
-        curves = class_precision(tp[:, :, sel], fp[:, :, sel], npig[k], np.asarray(params.recThrs))
-        for a in np.flatnonzero(valid[k]):
-            precision[:, :, k, a, -1] = curves[a]
+    precision[:, :, valid, -1] = 0.0
+    g_tp, c_tp = group[tp], counted[tp]
+    tp_starts = _starts(g_tp)
+    n_tp = _segment_cumsum(np.ones(len(g_tp), np.int64), tp_starts).astype(np.float64)  # tp_sum at each
+    pr = n_tp / (c_tp.astype(np.float64) + np.spacing(1))  # tp / (fp + tp + eps), fp + tp = counted
+    rec_thrs = np.asarray(params.recThrs)
+    for s, e in zip(tp_starts.tolist(), tp_starts[1:].tolist() + [len(g_tp)] * bool(len(g_tp)), strict=True):
+        a, t, k = np.unravel_index(int(g_tp[s]), (A, T, K))
+        best_after = np.maximum.accumulate(pr[s:e][::-1])[::-1]
+        inds = np.searchsorted(n_tp[s:e] / npig[k, a], rec_thrs, side="left")
+        ok = inds < e - s
+        precision[t, ok, k, a, -1] = best_after[inds[ok]]
     return precision, recall
-
-
-def class_precision(tp: np.ndarray, fp: np.ndarray, npig_k: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
-    """[A, T, R]: one class's interpolated precision at the recall points, from its detections' tp/fp [A, T, n]
-    in score order (pycocotools' cumulative sums, running maximum from the end and left search)."""
-    tps = np.cumsum(tp, axis=2, dtype=np.int64).astype(float)
-    fps = np.cumsum(fp, axis=2, dtype=np.int64).astype(float)
-    n = tps.shape[2]
-    out = np.zeros(tps.shape[:2] + (len(rec_thrs),))
-    if n == 0:
-        return out
-    pr = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, :, ::-1], axis=2)[:, :, ::-1]
-    for a, t in np.ndindex(*tps.shape[:2]):
-        if npig_k[a]:
-            inds = np.searchsorted(tps[a, t] / npig_k[a], rec_thrs, side="left")
-            ok = inds < n
-            out[a, t, ok] = pr[a, t, inds[ok]]
-    return out
 
 
 def evaluate(p: Pairs, params: Params | None = None) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.evaluate() + accumulate() for bbox: (precision [T, R, K, A, M], recall [T, K, A, M])."""
     params = params or Params()
-    matched, ignored = match(p, params)
-    return accumulate(p, matched, ignored, params)
+    return accumulate(p, match(p, params), params)

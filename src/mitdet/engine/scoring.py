@@ -454,9 +454,9 @@ def _eval_fast(coco_gt, prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: np.
           det.bbox[rows], det.score[rows])
     pairs, _, _ = coco_fast.group_pairs(len(prep.cat_ids), gt, dt, max(params.maxDets))
     t = _timed(timings, "load_results", t)
-    matched, ignored = coco_fast.match(pairs, params)
+    matches = coco_fast.match(pairs, params)
     t = _timed(timings, "evaluate", t)
-    precision, recall = coco_fast.accumulate(pairs, matched, ignored, params)
+    precision, recall = coco_fast.accumulate(pairs, matches, params)
     _timed(timings, "accumulate", t)
     return precision, recall, params
 
