@@ -1,7 +1,8 @@
-"""evaluate_<backbone>: score models/<backbone>/ on the validation split.
+"""evaluate_<backbone>: score models/<backbone>/ on the validation split and on each test split of the index.
 
 Writes data/predictions/<b>.json, metrics/<b>/eval.json + per_class.json, plots/<b>/ (per-class AP, PR curves,
-sample drawings) and prints the per-class table.
+sample drawings) and prints the per-class table; each test split: data/predictions/<b>/<split>.json,
+plots/<b>/per_class_ap_tests/<split>.csv, eval.json and scores.json "tests", its table printed after val's.
 """
 from __future__ import annotations
 

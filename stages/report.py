@@ -1,7 +1,8 @@
 """report: compare every backbone from metrics/ only.
 
 Writes metrics/report.json, metrics/report.md (a markdown table for a pull request) and plots/report/ (AP against
-parameters and latency with the Pareto front, per-class AP across backbones). Absent backbones show as missing.
+parameters and latency with the Pareto front, per-class AP across backbones, AP per split). Absent backbones show
+as missing. With test splits: report.json "by_split" and a "By split" section in report.md.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from mitdet.drawing import draw_sample
 from mitdet.engine.device import backbone_autocast
-from mitdet.engine.evaluate import EVAL_KEYS, images_left_out_by_index
+from mitdet.engine.evaluate import EVAL_KEYS, SCORE_KEYS, images_left_out_by_index
 from mitdet.engine.inference import measure_speed, predict, to_coco_results
 from mitdet.engine.scoring import score
 
@@ -265,3 +265,15 @@ def test_evaluate_backbone_end_to_end(evaluated_project):
     samples = sorted((root / "plots/mit_b0/samples").glob("*.jpg"))
     assert len(samples) == 2 and all(s.stat().st_size < 200_000 for s in samples)
     assert "TOP PERFORMING CLASSES" in printed and "CLASSES NEEDING ATTENTION" in printed
+
+
+def test_without_test_splits_no_tests_key_and_empty_split_folders(evaluated_project):
+    from mitdet.io import read_json
+    from mitdet.paths import BackbonePaths
+
+    root, metrics, printed = evaluated_project
+    bp = BackbonePaths("mit_b0")
+    assert "tests" not in metrics and "tests" not in read_json(root / bp.scores)["mit_b0"]
+    assert list(read_json(root / bp.scores)["mit_b0"]) == list(SCORE_KEYS)
+    assert not any((root / bp.test_predictions_dir).iterdir()) and not any((root / bp.test_per_class_ap_dir).iterdir())
+    assert "TEST SPLIT" not in printed

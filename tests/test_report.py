@@ -139,3 +139,42 @@ def test_classes_at_ap_0_are_no_ap_yet_not_ranked_alphabetically(tmp_path):
     build_report(["mit_b0"], ReportParams(), root=tmp_path)
     md = (tmp_path / REPORT_MD).read_text()
     assert "Best: none: no AP yet" in md and "apple (" not in md
+
+
+def test_by_split_table_and_the_classes_that_moved(project):
+    from mitdet.report import SPLIT_CLASS_K
+    names = [f"c{i:02d}" for i in range(SPLIT_CLASS_K + 2)]
+    val = {n: {"AP": 0.5, "num_gt": 3} for n in names}
+    # on night: c00 drops most, c01 gains most, c11 unchanged (the smallest change, left out), c10 no GT there
+    night = {n: {"AP": 0.5 - 0.01 * i, "num_gt": 3} for i, n in enumerate(names)}
+    night.update({"c00": {"AP": 0.1, "num_gt": 3}, "c01": {"AP": 0.9, "num_gt": 3}, "c11": {"AP": 0.5, "num_gt": 3},
+                  "c10": {"AP": None, "num_gt": 0}})
+    for b in ("mit_b0", "mit_b1"):
+        write_backbone(project, b, ap=0.2, ms=10.0, params_m=20.0, per_class=val)
+        ev = read_json(project / BackbonePaths(b).eval_metrics)
+        ev["tests"] = {"night": {"AP": 0.15, "AP50": 0.3, "AP75": 0.1, "num_images": 7, "per_class": night}}
+        write_json(project / BackbonePaths(b).eval_metrics, ev)
+    out = build_report(["mit_b0", "mit_b1"], ReportParams(), root=project)
+    split = out["by_split"]
+    assert split["splits"] == ["val", "night"]
+    assert split["backbones"]["mit_b1"] == {"val": {"AP": 0.2, "AP50": 0.2 + 0.2, "AP75": 0.2 * 0.8,
+                                                    "num_images": 10},
+                                            "night": {"AP": 0.15, "AP50": 0.3, "AP75": 0.1, "num_images": 7}}
+    moved = split["classes"]["night"]
+    assert len(moved) == SPLIT_CLASS_K and moved[0]["class"] == "c00" and moved[-1]["class"] == "c01"
+    assert {"c10", "c11"}.isdisjoint(r["class"] for r in moved)
+    assert [r["delta"] for r in moved] == sorted(r["delta"] for r in moved)
+    assert moved[0] == {"class": "c00", "val_AP": 0.5, "AP": 0.1, "delta": pytest.approx(-0.4)}
+    md = (project / REPORT_MD).read_text()
+    assert "| mit_b0 | night | 7 | 0.150 | 0.300 | 0.100 | -0.050 |" in md
+    assert "| mit_b0 | val | 10 | 0.200 | 0.400 | 0.160 | — |" in md
+    assert "| c00 | 0.500 | 0.100 | -0.400 |" in md and "| c01 | 0.500 | 0.900 | +0.400 |" in md
+    with open(project / REPORT_PLOTS / "ap_by_split.csv") as f:
+        rows = [(r["backbone"], r["split"], r["AP"]) for r in csv.DictReader(f)]
+    assert rows == [("mit_b0", "val", "0.2"), ("mit_b0", "night", "0.15"), ("mit_b1", "val", "0.2"),
+                    ("mit_b1", "night", "0.15")]
+
+
+def test_no_test_split_no_by_split(project):
+    out = build_report(["mit_b0", "mit_b1", "mit_b2"], ReportParams(), root=project)
+    assert "by_split" not in out and "By split" not in (project / REPORT_MD).read_text()
