@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from mitdet.data.dataset import DetectionDataset
 from mitdet.data.index import build_index, load_split
 from mitdet.data.sources import prepare
 from mitdet.data.synthetic import CATEGORIES, generate
+from mitdet.data.transforms import build_transform
 from mitdet.params import IndexParams, SyntheticParams, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +127,78 @@ def test_smallest_images_with_crowds(tmp_path):
     for a in coco["annotations"]:
         x, y, w, h = a["bbox"]
         assert w > 0 and h > 0 and x + w <= 32 and y + h <= 32
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for name, data in _files(root).items():
+        h.update(name.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def test_aux_none_files_as_before(tmp_path):
+    """With aux none (the default) every generated file is byte-identical to what the generator wrote before the
+    thermal option (hashes computed then)."""
+    generate(tmp_path / "small", SMALL, seed=5)
+    generate(tmp_path / "default", SyntheticParams(train_images=20, val_images=5), seed=0)
+    assert _digest(tmp_path / "small") == "8ec5f43449bf3edd7040ae9feabe3b0d1d4255b57ed18020f80fe5e7df9ac810"
+    assert _digest(tmp_path / "default") == "2d266d415a5576faae29f94cb6c412b678438f07afed96ad824381a32e417d15"
+
+
+def test_thermal_twins_same_rgb_other_thermal(tmp_path):
+    """Thermal: the JPEGs are the aux-none ones byte for byte; twin classes split into _warm/_cold that differ
+    only in the 16-bit thermal PNG (warm: hot over the object, cold: near the background)."""
+    thermal = dataclasses.replace(SMALL, aux="thermal", grayscale_fraction=0.0)
+    plain = generate(tmp_path / "plain", dataclasses.replace(thermal, aux="none"), seed=5)
+    splits = generate(tmp_path / "thermal", thermal, seed=5)
+    generate(tmp_path / "again", thermal, seed=5)
+    assert _files(tmp_path / "thermal") == _files(tmp_path / "again")
+    assert "aux" not in plain["train"] and splits["train"]["aux"] == str(tmp_path / "thermal/train_aux")
+    coco_p = json.loads(Path(plain["train"]["annotations"]).read_text())
+    coco_t = json.loads(Path(splits["train"]["annotations"]).read_text())
+    assert coco_p["images"] == coco_t["images"]
+    names = {c["id"]: c["name"] for c in coco_t["categories"]}
+    assert sorted(n for n in names.values() if n.endswith(("_warm", "_cold"))) == [
+        "circle_cold", "circle_warm", "square_cold", "square_warm", "star_cold", "star_warm"]
+    assert len(names) == len(CATEGORIES) + 3 and list(names) != list(range(1, len(names) + 1))
+    plain_names = {c["id"]: c["name"] for c in coco_p["categories"]}
+    hot = {"warm": [], "cold": []}
+    for a_p, a_t in zip(coco_p["annotations"], coco_t["annotations"], strict=True):
+        assert {**a_t, "category_id": 0} == {**a_p, "category_id": 0}
+        assert names[a_t["category_id"]].split("_")[0] == plain_names[a_p["category_id"]]
+        name = names[a_t["category_id"]]
+        if name.endswith(("_warm", "_cold")) and not a_t["iscrowd"]:
+            file = f"{a_t['image_id']:012d}"
+            assert (tmp_path / f"plain/train/{file}.jpg").read_bytes() == \
+                (tmp_path / f"thermal/train/{file}.jpg").read_bytes()
+            heat = cv2.imread(str(tmp_path / f"thermal/train_aux/{file}.png"), cv2.IMREAD_UNCHANGED)
+            assert heat.dtype == np.uint16 and heat.ndim == 2
+            x, y, w, h = (int(v) for v in a_t["bbox"])
+            background = np.median(heat)
+            hot[name[-4:]].append(np.count_nonzero(heat[y:y + h, x:x + w] > background + 6000) / a_t["area"])
+    assert len(hot["warm"]) > 5 and len(hot["cold"]) > 5
+    assert np.median(hot["warm"]) > 0.9 and np.median(hot["cold"]) < 0.05
+    for name, data in _files(tmp_path / "plain").items():  # every RGB image, not only those with twins
+        if name.endswith(".jpg"):
+            assert (tmp_path / "thermal" / name).read_bytes() == data
+
+
+def test_prepare_thermal_then_rgbx_items(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    data = dataclasses.replace(params.data, source="synthetic",
+                               synthetic=dataclasses.replace(SMALL, train_images=6, val_images=2, aux="thermal"))
+    manifest = prepare(data, seed=0, root=tmp_path)
+    assert manifest["splits"]["train"]["aux"] == "data/raw/synthetic/train_aux"
+    build_index("data/raw/manifest.json", IndexParams(aux_channels=1), tmp_path / "index", root=tmp_path)
+    split = load_split(tmp_path / "index", "train", root=tmp_path)
+    assert split.aux_channels == 1 and len(split.images) == 6
+    model = dataclasses.replace(params.model, modality="rgbx")
+    ds = DetectionDataset(split, build_transform(model, None, seed=0))
+    spread = []
+    for i in range(len(ds)):
+        image, _ = ds[i]
+        assert image.shape[0] == 4 and 0 <= image.min() and image.max() <= 1
+        assert 0.2 < image[3].mean() < 0.7  # the thermal background level (18000-26000 of 65535, warm objects)
+        spread.append(float(image[3].std()))
+    assert min(spread) > 0.001 and max(spread) > 0.05  # gradient and noise everywhere, warm objects somewhere
