@@ -182,7 +182,8 @@ def set_up(backbone, train, model, seed, index_dir, out, hooks) -> tuple[Run, Ru
 
     seed_everything(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     det = hooks.build_model(backbone, num_classes=len(data.categories) + 1, model=model,
-                            train_min_sizes=tuple(train.augment.multi_scale) or None)
+                            train_min_sizes=tuple(train.augment.multi_scale) or None,
+                            aux_channels=train_split.aux_channels if model.modality == "rgbx" else 0)
     start_from_trained_model(det, backbone, model, data.categories)
     det.to(device)  # build_detector applies model.channels_last and model.compile (in place)
     optimizer = build_optimizer(det, train)
