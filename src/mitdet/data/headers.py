@@ -5,6 +5,7 @@ link into another folder (DVC's symlink cache, a shared image store) reads as th
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -144,6 +145,24 @@ def _npy_header(fd: int, head: bytes, size: int) -> Header:
     uint8 and uint16 arrays of 2 or 3 dimensions are readable; C or Fortran order both."""
     if len(head) < min(size, NPY_HEAD_BYTES):
         head = os.pread(fd, NPY_HEAD_BYTES, 0)
+    end = _npy_header_end(head)
+    if end > size:
+        return Header(0, 0, reason=TRUNCATED)
+    if not 0 < end <= len(head):
+        return Header(0, 0, reason=BAD_HEADER)
+    reason, shape, itemsize = _parse_npy_header(head[:end])
+    if reason:
+        return Header(0, 0, reason=reason)
+    if end + int(np.prod(shape, dtype=np.int64)) * itemsize > size:
+        return Header(0, 0, reason=TRUNCATED)
+    channels = shape[2] if len(shape) == 3 else 1
+    return Header(int(shape[1]), int(shape[0]), int(channels), 8 * itemsize, "npy", len(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_npy_header(head: bytes) -> tuple[str, tuple, int]:
+    """(reason, shape, itemsize) of a complete .npy header; cached: a dataset's arrays share a few shapes, and
+    numpy's parser (literal_eval) is most of the cost of reading one."""
     f = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(f)
@@ -152,17 +171,14 @@ def _npy_header(fd: int, head: bytes, size: int) -> Header:
         elif version in ((2, 0), (3, 0)):
             shape, _, dtype = np.lib.format.read_array_header_2_0(f)
         else:
-            return Header(0, 0, reason=BAD_HEADER)
+            return BAD_HEADER, (), 0
     except (ValueError, SyntaxError, TypeError, EOFError, struct.error):
-        return Header(0, 0, reason=TRUNCATED if _npy_header_end(head) > size else BAD_HEADER)
+        return BAD_HEADER, (), 0
     if dtype.hasobject or dtype.kind != "u" or dtype.itemsize not in (1, 2) or len(shape) not in (2, 3):
-        return Header(0, 0, reason=UNSUPPORTED_ARRAY)
+        return UNSUPPORTED_ARRAY, (), 0
     if min(shape) <= 0:
-        return Header(0, 0, reason=BAD_HEADER)
-    if f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > size:
-        return Header(0, 0, reason=TRUNCATED)
-    channels = shape[2] if len(shape) == 3 else 1
-    return Header(int(shape[1]), int(shape[0]), int(channels), 8 * dtype.itemsize, "npy", len(shape))
+        return BAD_HEADER, (), 0
+    return "", tuple(shape), dtype.itemsize
 
 
 def _npy_header_end(head: bytes) -> int:

@@ -179,17 +179,20 @@ def _read_sample(root: Path, image_file: str, label_file: str | None, k: int) ->
         text = (root / label_file).read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):
         return "unreadable_label_file", None
+    seen = set()
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
         sample["lines"] += 1
         reason, box = parse_line(fields, k, w, h)
+        key = None if reason else (box[0], *box[1])
+        if not reason and key in seen:
+            reason = "duplicate_line"
         if reason:
             sample["skipped"].append((n, reason, line.strip()[:80]))
-        elif box in sample["boxes"]:
-            sample["skipped"].append((n, "duplicate_line", line.strip()[:80]))
         else:
+            seen.add(key)
             sample["boxes"].append(box)
     if not sample["lines"]:
         sample["negative"] = "empty_label_file"
