@@ -195,3 +195,49 @@ def test_a_predict_file_is_matched_by_file_name_and_scores_only_its_images(tmp_p
     (tmp_path / "p.json").write_text(json.dumps(doc))
     code, _, err = run_cli(["score", str(tmp_path / "gt.json"), str(tmp_path / "p.json")], capsys)
     assert code == 1 and "images[0]: file_name 'elsewhere.jpg' is not an image of the ground truth" in err
+
+
+@pytest.mark.parametrize("scorer", ["fast", "faster_coco_eval"])
+def test_score_file_gives_pycocotools_stats_with_every_scorer(tmp_path, fixtures_dir, scorer):
+    from mitdet.engine.score_files import score_file
+
+    for gt_path, results in ((fixtures_dir / VAL_GT, None), (tmp_path / "gt.json", perturbed_detections(generated_gt()))):
+        if results is None:
+            results = perturbed_detections(json.loads(gt_path.read_text()), seed=2)
+        else:
+            gt_path.write_text(json.dumps(generated_gt()))
+        (tmp_path / "d.json").write_text(json.dumps(results))
+        stats, per_cat = pycocotools_stats(gt_path, results)
+        scores = score_file(gt_path, tmp_path / "d.json", scorer=scorer)
+        assert scores.scorer == scorer
+        for key, want in zip(("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"),
+                             stats, strict=True):
+            got = scores.summary[key]
+            assert (got is None and want == -1) or abs(got - want) <= 1e-12, (key, got, want)
+        names = {c["id"]: c["name"] for c in json.loads(gt_path.read_text())["categories"]}
+        for cat, ap in per_cat.items():
+            got = scores.per_class[names[cat]]["AP"]
+            assert (got is None and ap is None) or abs(got - ap) <= 1e-12, (cat, got, ap)
+
+
+def test_a_bad_entry_deep_in_a_long_list_is_named_by_the_bulk_checks(tmp_path, capsys):
+    gt = generated_gt()
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    good = perturbed_detections(gt) * 80
+    assert len(good) > 3100
+    for i, bad, message in ((2500, {"bbox": [1.0, -2.0, 3.0, 4.0]}, "has a negative value"),
+                            (3001, {"image_id": 5}, "image_id 5 is not an image of"),
+                            (1234, {"score": True}, "score True is not a finite number")):
+        entries = list(good)
+        entries.insert(i, dict(good[0], **bad))
+        (tmp_path / "d.json").write_text(json.dumps(entries))
+        code, _, err = run_cli(["score", str(tmp_path / "gt.json"), str(tmp_path / "d.json")], capsys)
+        assert code == 1 and f"entry [{i}]: " in err and message in err, err
+
+
+def test_scoring_a_file_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, mitdet.engine.score_files; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -2,13 +2,11 @@
 
 A predictions file is a COCO results list, or the COCO-format object `mitdet predict` writes (its `images` are
 matched to the ground truth's by file_name, and only those images are scored). Every entry is checked first, so a
-bad one is named with its position instead of failing inside COCOeval.
+bad one is named with its position instead of failing inside COCOeval: in bulk, on the arrays the scorer takes
+(the file is read with orjson), and entry by entry only to name the first bad one.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
 import json
 import logging
 import math
@@ -17,10 +15,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mitdet.engine.evaluate import eval_metrics
-from mitdet.engine.scoring import Scores, _backend, load_coco, score
+import numpy as np
+
+from mitdet.engine.scoring import Scores, _member, _no_gc, detection_arrays, load_coco, score
 from mitdet.errors import DataError
 from mitdet.io import write_json
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a dependency; the stdlib parser is the fallback
+    orjson = None
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,6 @@ STAT_LINES = [("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP"
               ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10), ("AR", "0.50:0.95", "all", 100),
               ("AR", "0.50:0.95", "small", 100), ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100)]
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-AREA_RECALLS = STAT_KEYS[9:]
 NO_SPEED = {"images_per_s": None, "ms_per_image": None}
 
 
@@ -82,6 +85,39 @@ def check_results(results: list, gt: dict, where: str) -> None:
                             fix="score predictions against the ground truth of the images they were made on")
 
 
+def checked_arrays(results: list, gt: dict, where: str):
+    """The scorer's arrays of `results`, checked in bulk against `gt` (check_results' rules); a DataError naming
+    the first bad entry (found entry by entry, only then) if one fails."""
+    try:
+        det = detection_arrays(results, where)
+    except DataError:
+        check_results(results, gt, where)  # this module's message for the first bad entry
+        raise
+    image_ids = np.unique(np.array([im["id"] for im in gt["images"]], dtype=np.int64))
+    category_ids = np.unique(np.array([c["id"] for c in gt["categories"]], dtype=np.int64))
+    bad = ~_member(det.image_id, image_ids)[0] | ~_member(det.category_id, category_ids)[0] | (det.bbox < 0).any(1)
+    if bad.any():
+        check_results(results, gt, where)
+        raise DataError(f"entry [{int(np.argmax(bad))}] cannot be scored", where=where)  # pragma: no cover
+    return det
+
+
+def read_json_fast(path: str | os.PathLike) -> Any:
+    """A JSON file's value: orjson with the cyclic GC paused; the stdlib parser where orjson refuses the file (it
+    holds NaN or Infinity, which Python writes: the entry holding one is then named by the checks)."""
+    raw = Path(path).read_bytes()
+    with _no_gc():
+        if orjson is not None:
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"not valid JSON ({err})", where=str(path)) from None
+
+
 def _gt_ids_by_name(gt: dict) -> tuple[dict[str, int], dict[str, int]]:
     """GT image ids by file_name, and by base name where that is unique."""
     by_name = {str(im.get("file_name")): im["id"] for im in gt["images"] if "file_name" in im}
@@ -108,15 +144,13 @@ def _map_images(doc: dict, gt: dict, where: str) -> dict[int, int]:
     return mapping
 
 
-def read_predictions(path: str | os.PathLike, gt: dict) -> tuple[list[dict], list[int] | None]:
-    """(COCO results with the ground truth's image ids, the image ids to score or None for all), checked."""
+def read_predictions(path: str | os.PathLike, gt: dict):
+    """(the scorer's arrays of the COCO results, with the ground truth's image ids; the image ids to score or
+    None for all), checked."""
     where = str(path)
     if not Path(path).is_file():
         raise DataError("no such predictions file", where=where)
-    try:  # NaN and Infinity parse here (Python writes them), so the entry holding one can be named below
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"not valid JSON ({err})", where=where) from None
+    data = read_json_fast(path)
     image_ids = None
     if isinstance(data, dict) and isinstance(data.get("annotations"), list) and isinstance(data.get("images"), list):
         mapping = _map_images(data, gt, where)
@@ -135,45 +169,17 @@ def read_predictions(path: str | os.PathLike, gt: dict) -> tuple[list[dict], lis
         kind = type(data).__name__ if not isinstance(data, dict) else "object without `images` and `annotations`"
         raise DataError(f"is a JSON {kind}, not a COCO results list ([{{image_id, category_id, bbox, score}}, ...])",
                         where=where)
-    check_results(results, gt, where)
-    return results, image_ids
-
-
-def area_recalls(coco_gt, results: list[dict], scorer: str, image_ids: list[int]) -> list[float]:
-    """COCOeval's stats 9..11 (AR small, medium, large), which `Scores` does not carry."""
-    COCO, COCOeval = _backend(scorer)
-    keep = set(image_ids)
-    dets = [{k: r[k] for k in RESULT_FIELDS} for r in results if r["image_id"] in keep]
-    with contextlib.redirect_stdout(io.StringIO()):
-        if dets:
-            coco_dt = coco_gt.loadRes(dets)
-        else:  # loadRes refuses an empty list, as in scoring.score
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
-                               "categories": list(coco_gt.dataset["categories"]), "annotations": []}
-            coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
-        ev.params.imgIds = sorted(keep)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return [float(s) for s in ev.stats[9:12]]
+    return checked_arrays(results, gt, where), image_ids
 
 
 def score_file(gt_path: str | os.PathLike, predictions_path: str | os.PathLike,
                scorer: str = "faster_coco_eval") -> Scores:
     """Scores of a predictions file against a COCO ground truth file; `summary` holds COCOeval's 12 stats."""
     coco_gt = load_coco(gt_path, scorer)
-    results, image_ids = read_predictions(predictions_path, coco_gt.dataset)
-    ids = image_ids if image_ids is not None else sorted(im["id"] for im in coco_gt.dataset["images"])
-    if not results:
+    detections, image_ids = read_predictions(predictions_path, coco_gt.dataset)
+    if not len(detections.image_id):
         log.warning("%s holds no detections: every class with ground truth scores AP 0", predictions_path)
-    scores = score(coco_gt, results, scorer=scorer, image_ids=ids)
-    if not all(k in scores.summary for k in AREA_RECALLS):  # a scoring module that keeps only the first nine
-        found = area_recalls(coco_gt, results, scorer, ids)
-        scores = dataclasses.replace(scores, summary={
-            **scores.summary, **{k: (None if v < 0 else v) for k, v in zip(AREA_RECALLS, found, strict=True)}})
-    return scores
+    return score(coco_gt, detections, scorer=scorer, image_ids=image_ids)
 
 
 def stats_text(summary: dict[str, float | None]) -> str:
@@ -189,6 +195,8 @@ def stats_text(summary: dict[str, float | None]) -> str:
 
 def write_score_outputs(scores: Scores, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """eval.json (the evaluate stage's keys; speed, params and GFLOPs null: unknown here) and per_class.json."""
+    from mitdet.engine.evaluate import eval_metrics  # here: that module imports torch (seconds), scoring does not
+
     out_dir = Path(out_dir)
     metrics = eval_metrics(scores, NO_SPEED, None, None, scores.num_images)
     write_json(out_dir / "eval.json", metrics)

@@ -271,8 +271,9 @@ def _column(results: list, key: str, types: tuple, dtype) -> np.ndarray:
     return np.fromiter(values, dtype, len(values))
 
 
-def _detection_arrays(results: list, where: str) -> _Boxes:
-    """Arrays of the detections, checked in bulk; the first bad entry is named when a check fails."""
+def detection_arrays(results: list, where: str) -> _Boxes:
+    """Arrays of the detections, checked in bulk; the first bad entry is named when a check fails (what `score`
+    does with a list; a caller that checks more on the arrays passes them to `score` as they are)."""
     try:
         boxes = list(map(itemgetter("bbox"), results))
         if not set(map(type, boxes)) <= {list} or not set(map(len, boxes)) <= {4}:
@@ -361,9 +362,10 @@ def _scored(det: _Boxes, prep: _Prepared, ids: np.ndarray, where: str) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def score(gt_json, results: list[dict] | str | Path, scorer: str | None = None,
+def score(gt_json, results: list[dict] | str | Path | _Boxes, scorer: str | None = None,
           image_ids: Iterable[int] | None = None) -> Scores:
-    """COCO bbox metrics of `results` (a COCO results list, or the path of a results file) against `gt_json`.
+    """COCO bbox metrics of `results` (a COCO results list, the path of a results file, or the arrays
+    `detection_arrays` made of a list) against `gt_json`.
 
     `gt_json`: a path, a dict (copied), or the COCO object `load_coco(..., scorer)` returned (used as is, so a
     loop that scores often loads it once). `scorer`: None takes the loaded object's scorer, or DEFAULT_SCORER;
@@ -379,7 +381,7 @@ def score(gt_json, results: list[dict] | str | Path, scorer: str | None = None,
         if isinstance(results, (str, Path)):
             where, results = str(results), read_results(results)
         t = _timed(timings, "read_json", t)
-        det = _detection_arrays(results, where)
+        det = results if isinstance(results, _Boxes) else detection_arrays(results, where)
         ids = _image_subset(prep, image_ids)
         on_images, evaluated = _scored(det, prep, ids, where)
         _timed(timings, "load_results", t)
