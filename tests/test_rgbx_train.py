@@ -137,3 +137,81 @@ def test_rgbx_forward_backward_on_real_photos_with_generated_aux(tmp_path, fixtu
     for stream in ("rgb", "aux"):
         grad = model.backbone.body.get_submodule(stream).patch_embed1.proj.weight.grad
         assert grad is not None and grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------- predict --aux, export
+@pytest.fixture(scope="module")
+def rgbx_model_dir(tmp_path_factory, index_dir) -> Path:
+    root = tmp_path_factory.mktemp("trained_rgbx")
+    run(root, index_dir, tiny_train(epochs=1, max_steps=2))
+    return root / BackbonePaths(B).model_dir
+
+
+@pytest.fixture
+def photos(tmp_path, index_dir) -> tuple[Path, Path]:
+    """4 of the index's images in a folder with their aux PNGs in another; one aux missing, one of another size."""
+    import shutil
+    images, aux = tmp_path / "images", tmp_path / "aux"
+    images.mkdir()
+    aux.mkdir()
+    for line in Path(index_dir, "train.jsonl").read_text().splitlines()[:4]:
+        rec = json.loads(line)
+        shutil.copy(rec["file"], images)
+        shutil.copy(rec["aux"], aux)
+    names = sorted(p.stem for p in images.iterdir())
+    (aux / f"{names[0]}.png").unlink()
+    assert cv2.imwrite(str(aux / f"{names[1]}.png"), np.zeros((32, 64), np.uint16))
+    return images, aux
+
+
+def test_predict_with_aux_skips_images_without_a_usable_aux_image(rgbx_model_dir, photos, tmp_path, capsys):
+    from tests.cli_fixtures import run_cli
+    images, aux = photos
+    out = tmp_path / "pred.json"
+    code, stdout, stderr = run_cli(["predict", str(images), "--model", str(rgbx_model_dir), "--aux", str(aux),
+                                    "--out", str(out), "--workers", "0", "--score", "0"], capsys)
+    assert code == 1, stderr  # files were skipped
+    doc = json.loads(out.read_text())
+    names = sorted(p.name for p in images.iterdir())
+    assert sorted(im["file_name"] for im in doc["images"]) == names[2:]
+    reasons = {Path(s["path"]).name: s["reason"] for s in doc["skipped"]}
+    assert "no aux image" in reasons[names[0]] and "is 64x32, the image 64x64" in reasons[names[1]]
+    assert doc["annotations"] and "2 file(s) skipped" in stderr
+
+    code, _, stderr = run_cli(["predict", str(images), "--model", str(rgbx_model_dir), "--out", str(out)], capsys)
+    assert code == 1 and "no image to predict" in stderr and "pass --aux FOLDER" in stderr
+
+
+def test_predict_refuses_aux_for_an_rgb_model(photos, tmp_path, capsys):
+    from mitdet.models import build_detector, save_inference_model
+    from tests.cli_fixtures import run_cli
+    rgb = build_detector(B, 3, tiny_model())
+    spec = {"backbone": B, "num_classes": 3, "model": dataclasses.asdict(tiny_model()),
+            "categories": [{"id": 3, "name": "square", "label": 1}, {"id": 7, "name": "disc", "label": 2}]}
+    save_inference_model(rgb, spec, tmp_path / "rgb")
+    images, aux = photos
+    code, _, stderr = run_cli(["predict", str(images), "--model", str(tmp_path / "rgb"), "--aux", str(aux),
+                               "--out", str(tmp_path / "p.json")], capsys)
+    assert code == 1 and "the model is RGB-only; --aux is for RGB+X models" in stderr
+
+
+def test_rgbx_onnx_export_takes_rgb_and_aux_channels(rgbx_model_dir, photos, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from tests.cli_fixtures import run_cli
+    images, aux = photos
+    out = tmp_path / "rgbx.onnx"
+    code, stdout, stderr = run_cli(["export", str(out), "--model", str(rgbx_model_dir), "--check-images",
+                                    str(images), "--check-aux", str(aux)], capsys)
+    assert code == 0, stderr
+    assert "float32 [1, 3 + 1, height, width]" in stdout and "checked on 2 image(s)" in stdout
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[:2] == [1, 4]
+    model, _ = load_inference_model(rgbx_model_dir)
+    x = np.random.default_rng(0).random((1, 4, 72, 90), dtype=np.float32)
+    boxes, scores, labels = session.run(None, {"image": x})
+    from mitdet.models.export import OnnxRgbxDetector
+    with torch.no_grad():
+        ref = OnnxRgbxDetector(model, 64, 64)(torch.from_numpy(x))
+    assert len(scores) == len(ref[1])
+    np.testing.assert_allclose(scores, ref[1].numpy(), atol=1e-4)
+    assert boxes.shape == (len(scores), 4) and (boxes[:, 2] <= 90).all() and (boxes[:, 3] <= 72).all()

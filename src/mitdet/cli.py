@@ -57,7 +57,7 @@ def cmd_predict(args) -> int:
     model, spec = load_inference_model(args.model, device=str(device))
     result = predict_files(model, spec, args.paths, device, batch_size=args.batch_size, num_workers=args.workers,
                            amp=args.amp, score_thresh=args.score, model_dir=str(args.model),
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), aux_dir=args.aux)
     doc = result.document
     write_json(args.out, doc, indent=None)
     threshold = doc["info"]["score_threshold"]
@@ -82,6 +82,9 @@ def add_predict(sub) -> None:
                        description=cmd_predict.__doc__)
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, help="saved model folder (models/<backbone>: model.json + weights)")
+    p.add_argument("--aux", metavar="DIR", default=None,
+                   help="RGB+X models: the folder of aligned aux images, one per image by file stem (.png/.npy; "
+                        "not needed for .npy images holding 3 + N channels)")
     p.add_argument("--out", default="predictions.json", help="output JSON (default: predictions.json)")
     p.add_argument("--score", type=_unit_interval, default=None,
                    help="keep detections with at least this score (default: the model's own roi score threshold)")
@@ -101,14 +104,14 @@ def add_predict(sub) -> None:
 def cmd_export(args) -> int:
     """The whole detector (resize, normalisation, NMS, boxes in image pixels) to ONNX, checked with onnxruntime."""
     from mitdet.models import load_inference_model
-    from mitdet.models.export import OPSET, export_checked, load_check_images, require_onnx
+    from mitdet.models.export import OPSET, export_checked, input_text, load_check_inputs, require_onnx
 
     require_onnx()  # before loading anything: say at once how to install it
     model, spec = load_inference_model(args.model, device="cpu")
-    images = load_check_images(args.check_images, args.check_count)
+    images = load_check_inputs(spec, args.check_images, args.check_count, aux_dir=args.check_aux)
     report = export_checked(model, spec, args.out, images, box_tol=args.box_tol, score_tol=args.score_tol)
-    print(f"wrote {report.path}: {spec['backbone']} (step {spec.get('step')}), opset {OPSET}, input uint8 "
-          f"[height, width, 3] RGB of any size; outputs boxes (xyxy pixels), scores, labels")
+    print(f"wrote {report.path}: {spec['backbone']} (step {spec.get('step')}), opset {OPSET}, input "
+          f"{input_text(spec).removeprefix('image: ')} of any size; outputs boxes (xyxy pixels), scores, labels")
     print(report.text())
     return 0
 
@@ -121,6 +124,8 @@ def add_export(sub) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     p.add_argument("--check-images", nargs="+", metavar="PATH", default=None,
                    help="images or folders the export is checked on (default: the first of data/index/val.jsonl)")
+    p.add_argument("--check-aux", metavar="DIR", default=None,
+                   help="RGB+X models: the aux images of --check-images, by file stem (as predict --aux)")
     p.add_argument("--check-count", type=_positive_int, default=4, help="images checked at most (default 4)")
     p.add_argument("--box-tol", type=float, default=0.1, help="largest box difference allowed, pixels (default 0.1)")
     p.add_argument("--score-tol", type=float, default=1e-3, help="largest score difference allowed (default 0.001)")

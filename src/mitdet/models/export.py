@@ -5,7 +5,9 @@ pixels), `scores` float32 [N], `labels` int64 [N] (the model's contiguous labels
 with their COCO ids and names, are in the file's metadata as `mitdet_categories`). Inside: the evaluate loader's
 resize (shorter side to min_size unless the longer passes max_size, bilinear), ImageNet normalisation, the
 detector with its own score threshold, NMS and top-k, boxes mapped back per axis and clipped as
-engine/inference.py does. Exported with TorchScript tracing (`dynamo=False`): the dynamo exporter fails on
+engine/inference.py does. An RGB+X model (model.json aux_channels N) takes `image` float32 [1, 3 + N, height, width]
+instead: RGB then the aux channels, each in 0..1 (uint8 / 255, uint16 / 65535, as the loader scales them), resized
+and normalised inside the same way. Exported with TorchScript tracing (`dynamo=False`): the dynamo exporter fails on
 torchvision's detection models.
 """
 from __future__ import annotations
@@ -70,19 +72,46 @@ class OnnxDetector(nn.Module):
         return boxes, out["scores"], out["labels"]
 
 
+class OnnxRgbxDetector(OnnxDetector):
+    """float32 [1, 3 + N, H, W] in 0..1 (RGB, then the aux channels) -> (boxes in its pixels, scores, labels)."""
+
+    def forward(self, image: torch.Tensor):
+        size = torch._shape_as_tensor(image)[2:].to(torch.float32)
+        h, w = size[0], size[1]
+        scale = torch.minimum(self.min_size / torch.minimum(h, w), self.max_size / torch.maximum(h, w))
+        nh = torch.round(h * scale).clamp(min=1).to(torch.int64)
+        nw = torch.round(w * scale).clamp(min=1).to(torch.int64)
+        x = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        out = self.detector([x])[0]
+        fx, fy = w / nw.to(torch.float32), h / nh.to(torch.float32)
+        boxes = out["boxes"] * torch.stack([fx, fy, fx, fy])
+        boxes = torch.minimum(boxes.clamp(min=0), torch.stack([w, h, w, h]))
+        return boxes, out["scores"], out["labels"]
+
+
+def input_text(spec: dict) -> str:
+    """The graph's input, as its metadata and the CLI describe it."""
+    n = int(spec.get("aux_channels", 0))
+    if n:
+        return f"image: float32 [1, 3 + {n}, height, width], RGB then {n} aux channel(s), each in 0..1"
+    return "image: uint8 [height, width, 3] RGB"
+
+
 def write_onnx(wrapper: OnnxDetector, spec: dict, out_path: str | os.PathLike, sample: np.ndarray) -> None:
-    """Trace `wrapper` on `sample` (uint8 HxWx3) into an ONNX file with the model's metadata, checked by onnx."""
+    """Trace `wrapper` on `sample` (uint8 HxWx3, or float32 [1, 3 + N, H, W] for RGB+X) into an ONNX file with
+    the model's metadata, checked by onnx."""
     onnx, _ = require_onnx()
     import warnings
+    axes = {0: "height", 1: "width"} if sample.ndim == 3 else {2: "height", 3: "width"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's warnings on torchvision's shape arithmetic: expected
         torch.onnx.export(wrapper, (torch.from_numpy(sample),), str(out_path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=["boxes", "scores", "labels"],
-                          dynamic_axes={"image": {0: "height", 1: "width"}, "boxes": {0: "detections"},
+                          dynamic_axes={"image": axes, "boxes": {0: "detections"},
                                         "scores": {0: "detections"}, "labels": {0: "detections"}})
     graph = onnx.load(str(out_path))
     meta = {"mitdet_backbone": spec["backbone"], "mitdet_categories": json.dumps(spec["categories"]),
-            "mitdet_input": "image: uint8 [height, width, 3] RGB", "mitdet_step": str(spec.get("step")),
+            "mitdet_input": input_text(spec), "mitdet_step": str(spec.get("step")),
             "mitdet_score_threshold": str(spec["model"]["roi"]["score_thresh"])}
     for key, value in meta.items():
         graph.metadata_props.add(key=key, value=value)
@@ -135,7 +164,7 @@ def match_detections(a: tuple, b: tuple, score_tol: float, iou_min: float = 0.5)
 
 def check_parity(onnx_path: str | os.PathLike, wrapper: OnnxDetector, images: list[np.ndarray],
                  score_tol: float = 1e-3) -> list[Parity]:
-    """ONNX Runtime's detections against PyTorch's (the same wrapper) on each uint8 RGB image."""
+    """ONNX Runtime's detections against PyTorch's (the same wrapper) on each input (uint8 RGB, or RGB+X)."""
     _, ort = require_onnx()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     wrapper = wrapper.cpu().eval()
@@ -176,13 +205,15 @@ class ExportReport:
 
 def export_checked(model: nn.Module, spec: dict, out_path: str | os.PathLike, images: list[np.ndarray],
                    box_tol: float = 0.1, score_tol: float = 1e-3) -> ExportReport:
-    """Export to `out_path` and check it on `images` (uint8 RGB); the file appears only when it agrees."""
+    """Export to `out_path` and check it on `images` (uint8 RGB; for RGB+X float32 [1, 3 + N, H, W]); the file
+    appears only when it agrees."""
     import time
 
     from mitdet.io import atomic_path
     require_onnx()
     start = time.perf_counter()
-    wrapper = OnnxDetector(model.cpu().eval(), spec["model"]["min_size"], spec["model"]["max_size"]).eval()
+    kind = OnnxRgbxDetector if spec.get("aux_channels", 0) else OnnxDetector
+    wrapper = kind(model.cpu().eval(), spec["model"]["min_size"], spec["model"]["max_size"]).eval()
     with atomic_path(Path(out_path)) as tmp:  # removed unless the checks pass
         write_onnx(wrapper, spec, tmp, images[0])
         report = ExportReport(Path(out_path), check_parity(tmp, wrapper, images, score_tol),
@@ -192,6 +223,38 @@ def export_checked(model: nn.Module, spec: dict, out_path: str | os.PathLike, im
                               f"{box_tol:g} px, scores {score_tol:g}); nothing written", where=str(out_path),
                               fix="report it with the model folder; --box-tol/--score-tol loosen the check")
     return report
+
+
+def load_check_inputs(spec: dict, paths: list[str] | None, count: int, index_dir: str = "data/index",
+                      aux_dir: str | None = None) -> list[np.ndarray]:
+    """Up to `count` inputs of the model's graph: `load_check_images`, or for RGB+X float32 [1, 3 + N, H, W]
+    arrays through the evaluate loader, from `paths` with `aux_dir` (predict's lookup) or the validation index."""
+    channels = int(spec.get("aux_channels", 0))
+    if not channels:
+        return load_check_images(paths, count, index_dir)
+    from mitdet.data.dataset import build_loader
+    from mitdet.data.index import load_split
+    from mitdet.engine.predict_files import IMAGE_SUFFIXES, check_aux_use, find_images, image_split
+    from mitdet.errors import DataError
+    from mitdet.params import model_params_from_dict
+    if paths:
+        check_aux_use(spec, aux_dir)
+        split, _ = image_split(find_images(paths, IMAGE_SUFFIXES | {".npy"}), [], aux_dir, channels)
+        where = " ".join(paths)
+    else:
+        if not (Path(index_dir) / "val.jsonl").is_file():
+            raise DataError("no images to check the export on", where=f"{index_dir}/val.jsonl",
+                            fix="pass --check-images PATH --check-aux DIR, or run in the project after "
+                                "`dvc repro build_index`")
+        split, where = load_split(index_dir, "val"), f"{index_dir}/val.jsonl"
+        split.images = split.images[:count]
+    loader = build_loader(split, model=model_params_from_dict(spec["model"]), train=None, seed=0, training=False,
+                          batch_size=1, num_workers=0)
+    inputs = [im.numpy()[None] for images, _, _ in loader for im in images][:count]
+    if not inputs:
+        raise DataError("no readable image with its aux image to check the export on", where=where,
+                        fix="pass --check-images PATH and --check-aux DIR (aux images by file stem)")
+    return inputs
 
 
 def load_check_images(paths: list[str] | None, count: int, index_dir: str = "data/index") -> list[np.ndarray]:
