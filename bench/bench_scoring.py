@@ -7,9 +7,11 @@ Generates, deterministically and into a temporary folder, ground truth shaped li
 segmented objects, two categories without ground truth, some images without any) and a detections file of 100
 per image (jittered and confused hits, duplicates, background boxes, scores rounded to 5 digits so ties occur).
 Times each scorer as a whole `python -c` process (imports and JSON reading included), interleaved for `--rounds`
-rounds, checks that the 12 stats agree, and prints the ratios and where the project's time goes; then measures the
-parts of faster-coco-eval's C++ evaluator in process, and an array core (a prototype below, not used by the
-project) that shows what a faster core would take; it is also timed as a 4th process.
+rounds, checks that the 12 stats agree, and prints the ratios and where the project's time goes: pycocotools and
+faster-coco-eval as their users call them, the project's `score` with `faster_coco_eval` and with `fast` (the array
+core, mitdet.engine.coco_fast), and `score_file` with `fast` (what `mitdet score` runs: the bulk entry checks,
+the 12 stats' text and the per-class table included). Then it measures in process (CPU seconds) the parts of
+faster-coco-eval's C++ evaluator and of the array core on the same inputs.
 """
 from __future__ import annotations
 
@@ -131,15 +133,24 @@ s = score(sys.argv[1], sys.argv[2])
 print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
                   "inner_s": time.perf_counter() - t0, "timings": s.timings}))
 """,
-    "array_core": """
+    "score_fast": """
 import json, sys, time
 t0 = time.perf_counter()
-sys.path.insert(0, sys.argv[3])
-from bench_scoring import score_with_array_core
-from mitdet.engine.scoring import STAT_KEYS
-s = score_with_array_core(sys.argv[1], sys.argv[2])
+from mitdet.engine.scoring import STAT_KEYS, score
+s = score(sys.argv[1], sys.argv[2], scorer="fast")
 print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
-                  "inner_s": time.perf_counter() - t0}))
+                  "inner_s": time.perf_counter() - t0, "timings": s.timings}))
+""",
+    "score_file_fast": """
+import contextlib, io, json, sys, time
+t0 = time.perf_counter()
+from mitdet.engine.score_files import score_file, stats_text
+from mitdet.engine.scoring import STAT_KEYS, per_class_table
+s = score_file(sys.argv[1], sys.argv[2], scorer="fast")
+with contextlib.redirect_stdout(io.StringIO()):
+    print(stats_text(s.summary)); print(per_class_table(s))
+print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k in STAT_KEYS],
+                  "inner_s": time.perf_counter() - t0, "timings": s.timings}))
 """,
 }
 
@@ -161,7 +172,7 @@ def _cpu(fn):
 
 
 def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
-    """CPU seconds of the parts of faster-coco-eval's C++ evaluator on score's own inputs, and of an array core."""
+    """CPU seconds of the parts of faster-coco-eval's C++ evaluator on score's own inputs, and of the array core."""
     import faster_coco_eval.faster_eval_api_cpp as _C
     from faster_coco_eval.core.cocoeval import Params
 
@@ -170,7 +181,7 @@ def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
     with S._no_gc():
         coco_gt = S.load_coco(gt_path)
         prep = coco_gt.mitdet_prepared
-        det = S._detection_arrays(S.read_results(det_path), str(det_path))
+        det = S.detection_arrays(S.read_results(det_path), str(det_path))
         ids = prep.image_ids
         rows = np.flatnonzero(S._scored(det, prep, ids, str(det_path))[1])
         p = Params(iouType="bbox")
@@ -191,161 +202,38 @@ def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
             p.areaRng, p.maxDets[-1], p.iouThrs, ious, prep.cpp_gt, cpp_dt, *args))
         out["C++ accumulate alone"] = _cpu(lambda: _C.COCOevalAccumulate(copy.deepcopy(p), evaluated))[1]
         ref = _C.COCOevalEvaluateAccumulate(p, ious, prep.cpp_gt, cpp_dt, *args)
-        (match, out["array core: matching"]) = _cpu(lambda: array_match(pairs, prep, det))
-        (prec, rec), out["array core: accumulation"] = _cpu(lambda: array_accumulate(pairs, prep, det, ids, *match))
-    out["array core max |difference|"] = max(_max_diff(prec[..., -1], np.asarray(ref["precision"])[..., -1]),
-                                             _max_diff(rec, np.asarray(ref["recall"])))
+        out.update(array_core_parts(prep, det, rows, ids))
+        prec, rec = out.pop("arrays")
+    out["array core max |difference| from faster-coco-eval"] = max(
+        _max_diff(prec[..., -1], np.asarray(ref["precision"])[..., -1]), _max_diff(rec, np.asarray(ref["recall"])))
+    return out
+
+
+def array_core_parts(prep, det, rows: np.ndarray, ids: np.ndarray) -> dict:
+    """CPU seconds of coco_fast's steps on score's inputs (as scoring._eval_fast calls them), and its arrays."""
+    from mitdet.engine import coco_fast as F
+    from mitdet.engine.scoring import _member
+
+    params = F.Params()
+    g = prep.anns
+    g_rows = np.flatnonzero(_member(g.image_id, ids)[0] & _member(g.category_id, prep.cat_ids)[0])
+    gt = (np.searchsorted(ids, g.image_id[g_rows]), np.searchsorted(prep.cat_ids, g.category_id[g_rows]),
+          g.bbox[g_rows], g.area[g_rows], g.iscrowd[g_rows])
+    dt = (np.searchsorted(ids, det.image_id[rows]), np.searchsorted(prep.cat_ids, det.category_id[rows]),
+          det.bbox[rows], det.score[rows])
+    out = {}
+    (pairs, _, _), out["array core: grouping by pair"] = _cpu(lambda: F.group_pairs(len(prep.cat_ids), gt, dt, 100))
+    cand, out["array core: candidates and IoUs"] = _cpu(lambda: F.candidates(pairs, params))
+    _, out["array core: match priorities"] = _cpu(lambda: F.priorities(cand))
+    matches, out["array core: matching, all of it"] = _cpu(lambda: F.match(pairs, params))
+    out["arrays"], out["array core: accumulation"] = _cpu(lambda: F.accumulate(pairs, matches, params))
+    out["array core: matched (area, IoU, detection) entries"] = float(len(matches.det))
     return out
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     assert ((a > -1) == (b > -1)).all(), "the array core marks other cells 'no ground truth'"
     return float(np.abs(a - b).max())
-
-
-# ------------------------------------------------------------------------------------------ an array core
-# A prototype, not used by the project: COCOeval's bbox matching and accumulation over numpy arrays, to measure
-# what a core that never builds per-annotation Python objects costs. pycocotools' rules, vectorised across all
-# (image, category) pairs: greedy matching by detection rank, each detection taking the free GT of highest
-# priority (not ignored, then IoU, then later in the file; crowd regions never taken), then per class one sort.
-THRS = np.linspace(0.5, 0.95, 10)
-RECS = np.linspace(0.0, 1.0, 101)
-AREAS = [(0.0, 1e10), (0.0, 32.0 ** 2), (32.0 ** 2, 96.0 ** 2), (96.0 ** 2, 1e10)]
-MAX_DETS = [1, 10, 100]
-
-
-def _outside(area: np.ndarray) -> np.ndarray:
-    return np.stack([(area < lo) | (area > hi) for lo, hi in AREAS])  # [A, n]
-
-
-def _ranks(pair: np.ndarray) -> np.ndarray:
-    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.zeros(0, np.int64)
-    return np.arange(len(pair)) - np.repeat(starts, np.diff(np.r_[starts, len(pair)]))
-
-
-def _candidates(pairs, prep, det):
-    """Detection-GT entries of the same pair with IoU >= 0.5: (detection, GT position in its pair, GT, IoU)."""
-    from mitdet.engine.scoring import _bbox_iou
-
-    lo = np.searchsorted(pairs.g_pair, pairs.pair, "left")
-    n_gt = np.searchsorted(pairs.g_pair, pairs.pair, "right") - lo
-    d_idx = np.repeat(np.arange(len(pairs.pair)), n_gt)
-    offset = np.arange(len(d_idx)) - np.repeat(np.cumsum(n_gt) - n_gt, n_gt)
-    g_ann = pairs.g_rows[np.repeat(lo, n_gt) + offset]
-    iou = _bbox_iou(det.bbox[pairs.rows[d_idx]], prep.anns.bbox[g_ann], prep.anns.iscrowd[g_ann])
-    keep = iou >= THRS[0]
-    return d_idx[keep], offset[keep], g_ann[keep], iou[keep]
-
-
-def _priorities(d_idx, offset, iou, ignored) -> np.ndarray:
-    """Per area range, each entry's rank among its detection's entries in pycocotools' order of preference."""
-    first = np.searchsorted(d_idx, d_idx, "left")
-    key = np.empty(ignored.shape, np.int64)
-    for a in range(len(AREAS)):
-        o = np.lexsort((offset, iou, ~ignored[a], d_idx))
-        key[a, o] = np.arange(len(o)) - first[o]
-    return key
-
-
-def array_match(pairs, prep, det):
-    """(rank of each detection in its pair, matched [A, T, n], ignored [A, T, n])."""
-    rank = _ranks(pairs.pair)
-    d_idx, offset, g_ann, iou = _candidates(pairs, prep, det)
-    crowd = prep.anns.iscrowd[g_ann]
-    ignored = crowd[None] | _outside(prep.anns.area[g_ann])
-    key = _priorities(d_idx, offset, iou, ignored)
-    g_local = np.unique(g_ann, return_inverse=True)[1]
-    shape = (len(AREAS), len(THRS))
-    taken = np.zeros(shape + (g_local.max() + 1 if len(g_local) else 0,), bool)
-    matched, ign = np.zeros(shape + (len(rank),), bool), np.zeros(shape + (len(rank),), bool)
-    step = np.argsort(rank[d_idx], kind="stable")
-    bounds = np.searchsorted(rank[d_idx][step], np.arange(MAX_DETS[-1] + 1))
-    for r in range(MAX_DETS[-1]):  # rank by rank: one detection of each pair at a time, all pairs at once
-        e = step[bounds[r]:bounds[r + 1]]
-        if not len(e):
-            continue
-        dd, gl = d_idx[e], g_local[e]
-        segs = np.flatnonzero(np.r_[True, dd[1:] != dd[:-1]])
-        free = (iou[e] >= THRS[:, None])[None] & (crowd[e] | ~taken[:, :, gl])
-        k = np.where(free, key[:, e][:, None, :], -1)
-        best = np.maximum.reduceat(k, segs, axis=2)
-        ai, ti, ei = np.nonzero(free & (k == best[:, :, np.repeat(np.arange(len(segs)), np.diff(np.r_[segs, len(e)]))]))
-        taken[ai, ti, gl[ei]] = True
-        matched[ai, ti, dd[ei]] = True
-        ign[ai, ti, dd[ei]] = ignored[ai, e[ei]]
-    box = det.bbox[pairs.rows]
-    ign |= ~matched & _outside(box[:, 2] * box[:, 3])[:, None, :]
-    return rank, matched, ign
-
-
-def _gt_counts(pairs, prep, ids):
-    """(non-ignored GT per class and area range [K, A], whether a class has any GT or detection [K])."""
-    from mitdet.engine.scoring import _member
-
-    g = prep.anns
-    on = _member(g.image_id, ids)[0] & _member(g.category_id, pairs.cat_ids)[0]
-    cat = np.searchsorted(pairs.cat_ids, g.category_id[on])
-    ok = ~(g.iscrowd[on][None] | _outside(g.area[on]))
-    k = len(pairs.cat_ids)
-    npig = np.stack([np.bincount(cat[ok[a]], minlength=k) for a in range(len(AREAS))], axis=1)
-    present = (np.bincount(cat, minlength=k) > 0) | (np.bincount(pairs.pair % k, minlength=k) > 0)
-    return npig, present
-
-
-def _class_curves(tp, fp, npig_k, n_rec: int):
-    """Precision at the recall points [A, T, R] of one class (pycocotools' interpolation and lookup)."""
-    tps = np.cumsum(tp, axis=2, dtype=np.int64).astype(float)
-    fps = np.cumsum(fp, axis=2, dtype=np.int64).astype(float)
-    n = tps.shape[2]
-    out = np.zeros(tps.shape[:2] + (n_rec,))
-    if n == 0:
-        return out
-    pr = np.maximum.accumulate((tps / (fps + tps + np.spacing(1)))[:, :, ::-1], axis=2)[:, :, ::-1]
-    for a, t in np.ndindex(*tps.shape[:2]):
-        if npig_k[a]:
-            inds = np.searchsorted(tps[a, t] / npig_k[a], RECS, side="left")
-            ok = inds < n
-            out[a, t, ok] = pr[a, t, inds[ok]]
-    return out
-
-
-def score_with_array_core(gt_path, det_path):
-    """`score`'s steps with the array core in place of faster-coco-eval's evaluator (the 4th timed process)."""
-    from faster_coco_eval.core.cocoeval import Params
-
-    from mitdet.engine import scoring as S
-
-    with S._no_gc():
-        prep = S.load_coco(gt_path).mitdet_prepared
-        det = S._detection_arrays(S.read_results(det_path), str(det_path))
-        on_images, evaluated = S._scored(det, prep, prep.image_ids, str(det_path))
-        pairs = S._DetectionPairs(prep, det, np.flatnonzero(evaluated), prep.image_ids, max_dets=MAX_DETS[-1])
-        precision, recall = array_accumulate(pairs, prep, det, prep.image_ids, *array_match(pairs, prep, det))
-        return S._scores_from_arrays(precision, recall, Params(iouType="bbox"), prep, det, on_images, prep.image_ids)
-
-
-def array_accumulate(pairs, prep, det, ids, rank, matched, ign):
-    """precision [T, R, K, A, M] (at 100 detections only; -1 elsewhere) and recall [T, K, A, M], as COCOeval's."""
-    K, A, T, M = len(pairs.cat_ids), len(AREAS), len(THRS), len(MAX_DETS)
-    npig, present = _gt_counts(pairs, prep, ids)
-    valid = present[:, None] & (npig > 0)  # [K, A]
-    cat = pairs.pair % K
-    tp, fp = matched & ~ign, ~matched & ~ign
-    recall = -np.ones((T, K, A, M))
-    for mi, m in enumerate(MAX_DETS):
-        a, t, d = np.nonzero(tp & (rank < m))
-        hits = np.bincount((a * T + t) * K + cat[d], minlength=A * T * K).reshape(A, T, K)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            recall[:, :, :, mi] = np.where(valid.T[:, None, :], hits / npig.T[:, None, :], -1).transpose(1, 2, 0)
-    order = np.lexsort((rank, pairs.pair // K, -det.score[pairs.rows], cat))  # pycocotools' concatenation order
-    bounds = np.searchsorted(cat[order], np.arange(K + 1))
-    precision = -np.ones((T, len(RECS), K, A, M))
-    for k in np.flatnonzero(valid.any(axis=1)):
-        sel = order[bounds[k]:bounds[k + 1]]
-        curves = _class_curves(tp[:, :, sel], fp[:, :, sel], npig[k], len(RECS))
-        for a in np.flatnonzero(valid[k]):
-            precision[:, :, k, a, -1] = curves[a]
-    return precision, recall
 
 
 def main(argv=None) -> int:
@@ -355,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three processes")
     ap.add_argument("--skip-pycocotools", action="store_true", help="time only faster-coco-eval and score")
     ap.add_argument("--no-parts", action="store_true", help="skip the in-process measurement of the evaluator")
-    ap.add_argument("--no-array-core", action="store_true", help="do not time the array-core prototype process")
+    ap.add_argument("--only", nargs="+", choices=list(PROGRAMS), help="time only these processes")
     ap.add_argument("--dir", default=None, help="where to write the generated files (default: the system temp dir)")
     args = ap.parse_args(argv)
 
@@ -363,7 +251,7 @@ def main(argv=None) -> int:
     try:
         gt_path, det_path = generate(tmp, args.images, args.per_image)
         skip = {"pycocotools"} if args.skip_pycocotools else set()
-        names = [n for n in PROGRAMS if n not in skip | ({"array_core"} if args.no_array_core else set())]
+        names = [n for n in (args.only or PROGRAMS) if n not in skip]
         walls: dict[str, list[float]] = {n: [] for n in names}
         outs: dict[str, dict] = {}
         for r in range(args.rounds):
@@ -397,7 +285,7 @@ def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str
     """Medians, ratios, the 12 stats' agreement, the breakdown of `score` and the evaluator's parts."""
     med = {n: statistics.median(w) for n, w in walls.items()}
     print("\nmedian whole-process seconds: " + ", ".join(f"{n} {s:.2f}" for n, s in med.items()))
-    for ours in ("score", "array_core"):
+    for ours in ("score", "score_fast", "score_file_fast"):
         for ref in ("pycocotools", "faster_coco_eval"):
             if ref in med and ours in med:
                 per_round = [a / b for a, b in zip(walls[ref], walls[ours], strict=True)]
@@ -409,10 +297,12 @@ def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str
             continue
         diff = max(abs(a - b) for a, b in zip(o["stats"], outs[ref_name]["stats"], strict=True))
         print(f"12 stats, max |{n} - {ref_name}|: {diff:.2e}")
-    t = outs["score"]["timings"]
-    rest = walls["score"][-1] - sum(t.values())
-    print("score's breakdown (last round, wall s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
-          + f"; process start, imports and the rest {rest:.3f}")
+    for n in ("score", "score_fast", "score_file_fast"):
+        if n in outs:
+            t = outs[n]["timings"]
+            rest = walls[n][-1] - sum(t.values())
+            print(f"{n}'s breakdown (last round, wall s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items())
+                  + f"; process start, imports and the rest {rest:.3f}")
     if parts:
         print("evaluator parts (in process, CPU s):")
         for k, v in parts.items():

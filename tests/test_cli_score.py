@@ -201,11 +201,9 @@ def test_a_predict_file_is_matched_by_file_name_and_scores_only_its_images(tmp_p
 def test_score_file_gives_pycocotools_stats_with_every_scorer(tmp_path, fixtures_dir, scorer):
     from mitdet.engine.score_files import score_file
 
-    for gt_path, results in ((fixtures_dir / VAL_GT, None), (tmp_path / "gt.json", perturbed_detections(generated_gt()))):
-        if results is None:
-            results = perturbed_detections(json.loads(gt_path.read_text()), seed=2)
-        else:
-            gt_path.write_text(json.dumps(generated_gt()))
+    (tmp_path / "gt.json").write_text(json.dumps(generated_gt()))
+    for gt_path in (fixtures_dir / VAL_GT, tmp_path / "gt.json"):
+        results = perturbed_detections(json.loads(gt_path.read_text()), seed=2)
         (tmp_path / "d.json").write_text(json.dumps(results))
         stats, per_cat = pycocotools_stats(gt_path, results)
         scores = score_file(gt_path, tmp_path / "d.json", scorer=scorer)

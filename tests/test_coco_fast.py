@@ -17,66 +17,86 @@ CATS = (1, 3, 4, 8, 11, 17)  # 11: detections only (no GT); 17: crowd regions on
 EDGES = (32.0 ** 2, 96.0 ** 2)  # COCO's small/medium/large boundaries
 
 
-def adversarial(seed: int, n_images: int = 40) -> tuple[dict, list[dict]]:
-    """GT with duplicate boxes and equal-IoU neighbours (ties), crowd regions over objects, areas on the range boundaries, a class of
-    crowd regions only, empty images; detections with scores tied in groups, boxes whose area is on a boundary,
-    one pair with 150 detections, images without any, a class without GT."""
-    rng = np.random.default_rng(seed)
-    images, anns, dets, tie_breaks = [], [], [], []
+class Adversarial:
+    """GT with duplicate boxes and equal-IoU neighbours (ties), crowd regions over objects, areas on the range
+    boundaries, a class of crowd regions only, empty images; detections with scores tied in groups, boxes whose
+    area is on a boundary, one pair with 150 detections, images without any, a class without GT."""
 
-    def ann(image_id, cat, box, crowd=0, area=None):
-        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "bbox": [float(v) for v in box],
-                     "area": float(box[2] * box[3] if area is None else area), "iscrowd": crowd})
+    def __init__(self, seed: int, n_images: int):
+        self.rng = np.random.default_rng(seed)
+        self.images, self.anns, self.dets, self.tie_breaks = [], [], [], []
+        for i in range(1, n_images + 1):
+            self.images.append({"id": 100 + 3 * i, "file_name": f"{i}.jpg", "width": 400, "height": 300})
+            if i % 9:  # every 9th image has no GT
+                self.image_gt(100 + 3 * i, i)
+        self.found_objects()
+        self.background()
+        self.tied_and_beyond_max_dets()
 
-    def det(image_id, cat, box, s):
-        dets.append({"image_id": image_id, "category_id": int(cat), "bbox": [float(v) for v in box],
-                     "score": round(float(s), 1)})  # one digit: many ties
+    def ann(self, image_id, cat, box, crowd=0, area=None):
+        self.anns.append({"id": len(self.anns) + 1, "image_id": image_id, "category_id": cat,
+                          "bbox": [float(v) for v in box], "area": float(box[2] * box[3] if area is None else area),
+                          "iscrowd": crowd})
 
-    for i in range(1, n_images + 1):
-        image_id = 100 + 3 * i
-        images.append({"id": image_id, "file_name": f"{i}.jpg", "width": 400, "height": 300})
-        if i % 9 == 0:
-            continue  # no GT here
+    def det(self, image_id, cat, box, s):
+        self.dets.append({"image_id": image_id, "category_id": int(cat), "bbox": [float(v) for v in box],
+                          "score": round(float(s), 1)})  # one digit: many ties
+
+    def image_gt(self, image_id: int, i: int) -> None:
+        rng = self.rng
         for _ in range(int(rng.integers(1, 7))):
             side = float(rng.choice([20.0, 32.0, 50.0, 96.0, 140.0])) * float(rng.choice([1.0, rng.uniform(0.8, 1.2)]))
             box = [rng.uniform(0, 250), rng.uniform(0, 150), side, side * rng.uniform(0.7, 1.3)]
             cat = int(rng.choice(CATS[:4]))
             area = float(rng.choice(EDGES)) if rng.random() < 0.15 else box[2] * box[3] * rng.uniform(0.4, 1.0)
-            ann(image_id, cat, box, area=area)
+            self.ann(image_id, cat, box, area=area)
             if rng.random() < 0.2:
-                ann(image_id, cat, box, area=area)  # the same box twice: IoU ties
+                self.ann(image_id, cat, box, area=area)  # the same box twice: IoU ties
             if rng.random() < 0.1:
-                ann(image_id, cat, [box[0] - 10, box[1] - 10, box[2] + 30, box[3] + 30], crowd=1)
+                self.ann(image_id, cat, [box[0] - 10, box[1] - 10, box[2] + 30, box[3] + 30], crowd=1)
         if i % 7 == 0:
-            ann(image_id, 17, [50, 50, 200, 150], crowd=1)
-        if i % 4 == 1:  # two GT at the same IoU from one detection: pycocotools takes the later; the next one
+            self.ann(image_id, 17, [50, 50, 200, 150], crowd=1)
+        if i % 4 == 1:  # two GT at the same IoU from one detection: pycocotools takes the later; the next
             # detection then finds the later one taken (a miss) where taking the earlier would have left it free
-            ann(image_id, 4, [290, 240, 50, 50])
-            ann(image_id, 4, [310, 240, 50, 50])
-            tie_breaks.append(image_id)
-    for a in anns:
-        if a["image_id"] % 5 == 0:
-            continue  # images whose objects nobody found
+            self.ann(image_id, 4, [290, 240, 50, 50])
+            self.ann(image_id, 4, [310, 240, 50, 50])
+            self.tie_breaks.append(image_id)
+
+    def found_objects(self) -> None:
+        rng = self.rng
+        for a in self.anns:
+            if a["image_id"] % 5 == 0:
+                continue  # images whose objects nobody found
+            x, y, w, h = a["bbox"]
+            for j in range(int(rng.integers(0, 4))):
+                s = 0.04 * (1 + j) * max(w, h)
+                box = [x + rng.normal(0, s), y + rng.normal(0, s), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
+                self.det(a["image_id"], a["category_id"] if rng.random() > 0.1 else rng.choice(CATS), box, rng.random())
+
+    def background(self) -> None:
+        rng = self.rng
+        for im in self.images:
+            for _ in range(int(rng.integers(0, 6))):
+                side = float(rng.choice([32.0, 96.0, rng.uniform(5, 150)]))  # box areas on the boundaries too
+                box = [rng.uniform(0, 250), rng.uniform(0, 150), side, side]
+                self.det(im["id"], rng.choice(CATS), box, rng.random())
+
+    def tied_and_beyond_max_dets(self) -> None:
+        for image_id in self.tie_breaks:
+            self.det(image_id, 4, [300, 240, 50, 50], 0.9)
+            self.det(image_id, 4, [315, 240, 50, 50], 0.8)
+        a = next(a for a in self.anns if not a["iscrowd"] and a["image_id"] % 5)
         x, y, w, h = a["bbox"]
-        for j in range(int(rng.integers(0, 4))):
-            s = 0.04 * (1 + j) * max(w, h)
-            det(a["image_id"], a["category_id"] if rng.random() > 0.1 else rng.choice(CATS),
-                [x + rng.normal(0, s), y + rng.normal(0, s), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)],
-                rng.random())
-    for im in images:
-        for _ in range(int(rng.integers(0, 6))):
-            side = float(rng.choice([32.0, 96.0, rng.uniform(5, 150)]))  # box areas exactly on the boundaries too
-            det(im["id"], rng.choice(CATS), [rng.uniform(0, 250), rng.uniform(0, 150), side, side], rng.random())
-    for image_id in tie_breaks:
-        det(image_id, 4, [300, 240, 50, 50], 0.9)
-        det(image_id, 4, [315, 240, 50, 50], 0.8)
-    a = next(a for a in anns if not a["iscrowd"] and a["image_id"] % 5)
-    x, y, w, h = a["bbox"]
-    for i in range(150):  # beyond maxDets 100 in one pair, with tied scores
-        det(a["image_id"], a["category_id"], [x + i % 7, y + i % 4, w, h], 0.2 + (i % 6) / 10)
-    order = rng.permutation(len(dets))
-    return ({"images": images, "annotations": anns, "categories": [{"id": c, "name": f"c{c}"} for c in CATS]},
-            [dets[i] for i in order])
+        for i in range(150):  # beyond maxDets 100 in one pair, with tied scores
+            self.det(a["image_id"], a["category_id"], [x + i % 7, y + i % 4, w, h], 0.2 + (i % 6) / 10)
+
+
+def adversarial(seed: int, n_images: int = 40) -> tuple[dict, list[dict]]:
+    """(ground truth, detections in no particular order) of Adversarial."""
+    case = Adversarial(seed, n_images)
+    order = case.rng.permutation(len(case.dets))
+    gt = {"images": case.images, "annotations": case.anns, "categories": [{"id": c, "name": f"c{c}"} for c in CATS]}
+    return gt, [case.dets[i] for i in order]
 
 
 def pycocotools_eval(gt: dict, dets: list[dict]):
@@ -141,7 +161,8 @@ def test_empty_inputs():
     gt, dets = adversarial(1, n_images=10)
     ev, _ = pycocotools_eval(gt, dets[:1])
     precision, recall = core_arrays(gt, dets[:1])
-    assert np.array_equal(recall, ev.eval["recall"]) and np.array_equal(precision[..., -1], ev.eval["precision"][..., -1])
+    assert np.array_equal(recall, ev.eval["recall"])
+    assert np.array_equal(precision[..., -1], ev.eval["precision"][..., -1])
     s = score(load_coco(gt, "fast"), [])
     assert s.summary["AP"] == 0.0 and s.per_class["c1"]["AP"] == 0.0 and s.per_class["c11"]["AP"] is None
     no_gt = dict(gt, annotations=[])
