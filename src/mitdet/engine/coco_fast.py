@@ -59,7 +59,8 @@ def group_pairs(n_cats: int, gt: tuple, dt: tuple, max_det: int) -> tuple[Pairs,
     g_pair = g_img.astype(np.int64) * n_cats + g_cat
     g_rows = np.argsort(g_pair, kind="stable")
     d_pair = d_img.astype(np.int64) * n_cats + d_cat
-    d_rows = np.lexsort((np.arange(len(d_pair)), -d_score, d_pair))
+    by_score = np.argsort(-d_score, kind="stable")  # ties in the order given
+    d_rows = by_score[np.argsort(d_pair[by_score], kind="stable")]  # by pair, best first (two stable sorts)
     rank = ranks(d_pair[d_rows])
     d_rows, rank = d_rows[rank < max_det], rank[rank < max_det]  # COCOeval drops the rest before matching
     pairs = Pairs(n_cats, g_pair[g_rows], g_bbox[g_rows], g_area[g_rows], g_crowd[g_rows].astype(bool),
