@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mitdet.data.index import SplitIndex
 from mitdet.data.sampler import GroupedBatchSampler, OrderedBatchSampler, aspect_ratio_groups
-from mitdet.data.transforms import (READ_FLAGS, build_transform, decode_array, decode_aux,  # noqa: F401 (READ_FLAGS: others import it from here)
-                                    decode_image)
+from mitdet.data.decode import READ_FLAGS, decode_array, decode_aux, decode_image  # noqa: F401 (READ_FLAGS: others import it from here)
+from mitdet.data.transforms import build_transform
 from mitdet.io import pid_alive
 from mitdet.params import ModelParams, TrainParams
 
