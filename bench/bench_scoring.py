@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -155,12 +157,17 @@ print(json.dumps({"stats": [-1.0 if s.summary[k] is None else s.summary[k] for k
 }
 
 
-def run_process(name: str, gt_path: Path, det_path: Path) -> tuple[float, dict]:
-    """Wall seconds of one whole scoring process and what it printed."""
+def run_process(name: str, gt_path: Path, det_path: Path) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds (user + system) of one whole scoring process, what it printed). CPU time is
+    what other jobs on shared cores disturb least."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    argv = [sys.executable, "-c", PROGRAMS[name], str(gt_path), str(det_path), str(Path(__file__).parent)]
+    argv = [sys.executable, "-c", PROGRAMS[name], str(gt_path), str(det_path)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True)
-    return time.perf_counter() - t0, json.loads(out.stdout.strip().splitlines()[-1])
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu, json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------ in-process parts
@@ -253,16 +260,20 @@ def main(argv=None) -> int:
         skip = {"pycocotools"} if args.skip_pycocotools else set()
         names = [n for n in (args.only or PROGRAMS) if n not in skip]
         walls: dict[str, list[float]] = {n: [] for n in names}
+        cpus: dict[str, list[float]] = {n: [] for n in names}
         outs: dict[str, dict] = {}
         for r in range(args.rounds):
             for n in names:
-                wall, outs[n] = run_process(n, gt_path, det_path)
+                wall, cpu, outs[n] = run_process(n, gt_path, det_path)
                 walls[n].append(wall)
-                print(f"round {r + 1}: {n:<17} {wall:6.2f} s", flush=True)
+                cpus[n].append(cpu)
+                print(f"round {r + 1}: {n:<17} {wall:6.2f} s wall, {cpu:6.2f} s CPU, load {os.getloadavg()[0]:.1f}",
+                      flush=True)
         parts = {} if args.no_parts else evaluator_parts(gt_path, det_path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(walls, outs, parts)
+    report_ratios("CPU", cpus)
     return 0
 
 
@@ -281,16 +292,21 @@ def generate(tmp: Path, n_images: int, per_image: int) -> tuple[Path, Path]:
     return gt_path, det_path
 
 
-def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str, float]) -> None:
-    """Medians, ratios, the 12 stats' agreement, the breakdown of `score` and the evaluator's parts."""
-    med = {n: statistics.median(w) for n, w in walls.items()}
-    print("\nmedian whole-process seconds: " + ", ".join(f"{n} {s:.2f}" for n, s in med.items()))
+def report_ratios(kind: str, seconds: dict[str, list[float]]) -> None:
+    """Median seconds of each process and the project's ratios to the libraries (per round too)."""
+    med = {n: statistics.median(w) for n, w in seconds.items()}
+    print(f"\nmedian whole-process {kind} seconds: " + ", ".join(f"{n} {s:.2f}" for n, s in med.items()))
     for ours in ("score", "score_fast", "score_file_fast"):
         for ref in ("pycocotools", "faster_coco_eval"):
             if ref in med and ours in med:
-                per_round = [a / b for a, b in zip(walls[ref], walls[ours], strict=True)]
-                print(f"{ours} vs {ref}: {med[ref] / med[ours]:.1f}x (per round: "
+                per_round = [a / b for a, b in zip(seconds[ref], seconds[ours], strict=True)]
+                print(f"{ours} vs {ref} ({kind}): {med[ref] / med[ours]:.1f}x (per round: "
                       f"{', '.join(f'{x:.1f}' for x in per_round)})")
+
+
+def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str, float]) -> None:
+    """Wall medians and ratios, the 12 stats' agreement, the breakdowns of `score` and the evaluators' parts."""
+    report_ratios("wall", walls)
     ref_name = "pycocotools" if "pycocotools" in outs else "faster_coco_eval"
     for n, o in outs.items():
         if n == ref_name:
