@@ -23,6 +23,12 @@ from mitdet.data.headers import open_regular, probe_fd
 READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 REDUCED_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in
                  ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))}
+# The loader's flags: straight to RGB (libjpeg writes RGB instead of BGR: the same pixels as BGR + cvtColor, bit for
+# bit, without the extra pass); READ_FLAGS/REDUCED_FLAGS stay BGR for the callers that cv2.imread with them.
+RGB_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+REDUCED_RGB_FLAGS = {f: flag | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in
+                     ((2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+                      (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))}
 # What libjpeg prints (and otherwise ignores) when the entropy-coded data is damaged: the image then decodes grey
 # or garbled past the damage, so it must be skipped, not trained on.
 JPEG_DAMAGE = (b"Corrupt JPEG data", b"Premature end of JPEG file", b"Inconsistent progression sequence")
@@ -50,13 +56,15 @@ def decode_image(path: str, width: int | None = None, height: int | None = None,
             return None, reason.replace("_", " ")
         if width is not None and (w, h) != (width, height):
             return None, f"is {w}x{h}, the index says {width}x{height}"
-        with os.fdopen(os.dup(fd), "rb") as f:  # (read() loops where one pread stops at 2 GB)
-            data = f.read()
+        data = os.pread(fd, size, 0)
+        if len(data) < size:  # one pread stops at 2 GB (or the file shrank): read() loops
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
     finally:
         os.close(fd)
     try:
         with _libjpeg_messages() as messages:
-            flags = REDUCED_FLAGS[reduce] if reduce > 1 and data[:3] == b"\xff\xd8\xff" else READ_FLAGS
+            flags = REDUCED_RGB_FLAGS[reduce] if reduce > 1 and data[:3] == b"\xff\xd8\xff" else RGB_FLAGS
             image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except (cv2.error, MemoryError) as err:
         return None, f"cannot be decoded ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:120]})"
@@ -65,7 +73,7 @@ def decode_image(path: str, width: int | None = None, height: int | None = None,
         return None, f"holds damaged JPEG data ({damage[0].decode(errors='replace')})"
     if image is None:
         return None, "cannot be decoded"
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), ""
+    return image, ""
 
 
 def decode_array(path: str, width: int | None = None, height: int | None = None) -> tuple[np.ndarray | None, str]:
@@ -146,10 +154,11 @@ def _libjpeg_messages():
             os.dup2(saved, 2)
             os.close(saved)
             written = os.lseek(capture, 0, os.SEEK_CUR)
-            text = os.pread(capture, written, 0) if written else b""
-            os.ftruncate(capture, 0)
-            os.lseek(capture, 0, os.SEEK_SET)
-            lines.extend(text.splitlines())
+            if written:  # (nothing written, the usual case: nothing to read back or truncate)
+                text = os.pread(capture, written, 0)
+                os.ftruncate(capture, 0)
+                os.lseek(capture, 0, os.SEEK_SET)
+                lines.extend(text.splitlines())
             other = b"".join(line + b"\n" for line in lines if not line.startswith(JPEG_DAMAGE))
             if other:
                 os.write(2, other)

@@ -132,20 +132,19 @@ def albu_boxes(boxes: np.ndarray, labels, shape: tuple[int, int], out_shape: tup
     the transform and the final one, each dropping boxes under 1e-7 px^2 (area from the normalised box, in its
     dtype) and a float64 denormalise-clip-normalise; then denormalised."""
     (h, w), (nh, nw) = shape, out_shape
-    norm = np.asarray(boxes).astype(np.float32)
-    norm[:, [0, 2]] = norm[:, [0, 2]].astype(float) / w
-    norm[:, [1, 3]] = norm[:, [1, 3]].astype(float) / h
-    norm = np.clip(norm, 0, 1)
+    norm = (np.asarray(boxes, np.float32).astype(float) / np.array([w, h, w, h], dtype=float)).astype(np.float32)
+    np.clip(norm, 0, 1, out=norm)
     if flip:
-        norm = np.stack([1 - norm[:, 2], norm[:, 1], 1 - norm[:, 0], norm[:, 3]], 1)
+        norm = norm[:, [2, 1, 0, 3]]
+        norm[:, 0::2] = 1 - norm[:, 0::2]
     labels = np.asarray(labels)
     size = np.array([nw, nh, nw, nh], dtype=float)
     for _ in range(2):
         keep = ((norm[:, 2] - norm[:, 0]) * nw) * ((norm[:, 3] - norm[:, 1]) * nh) >= 1e-7
         px = norm * size
-        px[:, [0, 2]] = np.clip(px[:, [0, 2]], 0, nw)  # scalar bounds, as albumentations (keep -0.0)
-        px[:, [1, 3]] = np.clip(px[:, [1, 3]], 0, nh)
-        norm = px / size
+        np.clip(px[:, 0::2], 0, nw, out=px[:, 0::2])  # scalar bounds, as albumentations (they keep -0.0)
+        np.clip(px[:, 1::2], 0, nh, out=px[:, 1::2])
+        norm = np.divide(px, size, out=px)
         if not keep.all():
             norm, labels = norm[keep], labels[keep]
     return norm * size, labels
