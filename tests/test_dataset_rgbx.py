@@ -308,3 +308,125 @@ def test_coco_photos_with_generated_aux_at_the_default_size(tmp_path):
             gray = image[0] * 0.299 + image[1] * 0.587 + image[2] * 0.114
             aligned = (gray - image[3]).abs().mean()
             assert aligned < tolerance and aligned < 0.5 * (gray - image[3].flip(-1)).abs().mean()
+
+
+def _random_boxes(rng, h: int, w: int, k: int = 8) -> np.ndarray:
+    """k valid pascal_voc boxes in an h x w image, some tiny (near albumentations' 1e-7 px^2 filter), some past
+    the right/bottom edge, some integer, some with -0.0 corners, float32 or float64."""
+    x0, y0 = rng.uniform(0, w - 0.01, k), rng.uniform(0, h - 0.01, k)
+    tiny = rng.random() < 0.3
+    dx = rng.uniform(1e-6, 1e-2, k) if tiny else rng.uniform(1e-3, w / 2, k)
+    dy = rng.uniform(1e-6, 1e-2, k) if tiny else rng.uniform(1e-3, h / 2, k)
+    boxes = np.stack([x0, y0, x0 + dx, y0 + dy], 1)
+    if rng.random() < 0.3:
+        boxes = np.floor(boxes)
+        boxes[:, 2:] += 1
+    if rng.random() < 0.2:
+        boxes[:, :2] = -0.0
+    return boxes.astype(np.float32 if rng.random() < 0.5 else np.float64)
+
+
+def test_box_arithmetic_bit_for_bit_as_albumentations():
+    """albu_boxes (the loader's resize and flip without albumentations) gives the boxes and labels of an
+    albumentations Compose with A.Resize / A.HorizontalFlip, bit for bit (signed zeros, dropped tiny boxes),
+    over random sizes and boxes."""
+    import albumentations as A
+
+    from mitdet.data.transforms import albu_boxes
+    rng = np.random.default_rng(0)
+    params = A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, min_area=0.0, min_visibility=0.0)
+    checked = dropped = 0
+    for _ in range(600):
+        h, w = int(rng.integers(2, 1400)), int(rng.integers(2, 1400))
+        nh, nw = int(rng.integers(1, 900)), int(rng.integers(1, 900))
+        boxes, labels = _random_boxes(rng, h, w), np.arange(8)
+        for flip in (False, True):
+            shape = (nh, nw) if flip else (h, w)
+            ref = A.Compose([A.HorizontalFlip(p=1.0) if flip else A.Resize(nh, nw)], bbox_params=params)
+            try:
+                out = ref(image=np.zeros((*shape, 1), np.uint8), bboxes=boxes, labels=labels)
+            except ValueError:  # a box albumentations refuses (clipped to nothing): the index never has one
+                continue
+            got, got_labels = albu_boxes(boxes, labels, shape, (nh, nw), flip=flip)
+            assert np.asarray(out["bboxes"], float).reshape(-1, 4).tobytes() == got.tobytes()
+            assert np.array_equal(np.asarray(out["labels"]), got_labels)
+            checked += 1
+            dropped += len(got) < 8
+    assert checked > 600 and dropped > 10
+
+
+def _albumentations_transform(model, augment, seed):
+    """The loader's transform as it was, all in albumentations: Resize Compose, then HorizontalFlip in a
+    Compose reseeded from (seed, epoch, index); aux resized by cv2 and flipped as the `mask`."""
+    import albumentations as A
+    bbox = dict(format="pascal_voc", label_fields=["labels"], clip=True)
+    flip = A.Compose([A.HorizontalFlip(p=augment.hflip)], seed=seed,
+                     bbox_params=A.BboxParams(**bbox, min_area=0.0, min_visibility=0.0)) if augment else None
+    scales = list(augment.multi_scale) if augment and augment.multi_scale else [model.min_size]
+
+    def run(image, boxes, labels, epoch, index, aux=None):
+        from mitdet.data.transforms import resized_shape
+        rng = np.random.default_rng([seed, epoch, index])
+        min_size = scales[int(rng.integers(len(scales)))] if len(scales) > 1 else scales[0]
+        nh, nw, scale = resized_shape(*image.shape[:2], min_size, model.max_size)
+        out = A.Compose([A.Resize(nh, nw)], bbox_params=A.BboxParams(**bbox))(image=image, bboxes=boxes,
+                                                                              labels=labels)
+        extra = {} if aux is None else {"mask": cv2.resize(aux, (nw, nh), interpolation=cv2.INTER_LINEAR)}
+        if flip is not None:
+            flip.set_random_seed(int(rng.integers(2**31 - 1)))
+            out = flip(image=out["image"], bboxes=out["bboxes"], labels=out["labels"], **extra)
+        else:
+            out.update(extra)
+        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clip(0, nw), boxes[:, 1::2].clip(0, nh)
+        mask = out.get("mask")
+        return out["image"], boxes, np.asarray(out["labels"], np.int64), scale, mask
+    return run
+
+
+@pytest.mark.parametrize("hflip", [0.0, 0.5, 1.0])
+def test_transform_bit_for_bit_as_the_albumentations_pipeline(hflip):
+    """The transform without albumentations (cv2 resize, a flipped view, albu_boxes) gives the image, boxes,
+    labels, scale and aux of the all-albumentations pipeline it replaces, bit for bit, with the same flips for
+    the same (seed, epoch, index): random sizes, boxes, multi-scale, 16-bit aux."""
+    rng = np.random.default_rng(int(hflip * 10))
+    flips = 0
+    for case in range(60):
+        h, w = int(rng.integers(16, 700)), int(rng.integers(16, 700))
+        model = ModelParams(min_size=int(rng.integers(32, 400)), max_size=700)
+        augment = AugmentParams(hflip=hflip, multi_scale=[48, 96, 160] if case % 3 == 0 else []) if hflip else None
+        ours, ref = build_transform(model, augment, seed=case), _albumentations_transform(model, augment, case)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        aux = rng.integers(0, 65536, (h, w, 2), dtype=np.uint16) if case % 2 else None
+        boxes, labels = _random_boxes(rng, h, w), rng.integers(1, 9, 8)
+        for epoch, index in ((0, case), (2, 3 * case + 1)):
+            try:
+                expected = ref(image, boxes, labels, epoch, index, aux)
+            except ValueError:
+                continue
+            got = ours(image, boxes, labels, epoch, index, **({} if aux is None else {"aux": aux}))
+            assert np.array_equal(got[0], expected[0])
+            assert got[1].dtype == np.float32 and got[1].tobytes() == expected[1].tobytes()
+            assert np.array_equal(got[2], expected[2]) and got[3] == expected[3]
+            if aux is not None:
+                assert got[4].dtype == np.uint16 and np.array_equal(got[4], expected[4])
+            flips += not np.array_equal(got[0], cv2.resize(image, got[0].shape[1::-1]))
+    assert (flips == 0) if hflip == 0 else (flips > 10)
+
+
+def test_rgb_decode_flags_bitwise_as_bgr_and_cvtcolor(tmp_path):
+    """Decoding straight to RGB (full and 1/2, 1/4, 1/8 JPEG, PNG) gives the pixels of BGR + cvtColor."""
+    from mitdet.data.decode import REDUCED_FLAGS, REDUCED_RGB_FLAGS, decode_image
+    rng = np.random.default_rng(0)
+    image = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (333, 251), interpolation=cv2.INTER_CUBIC)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    for name in ("a.jpg", "b.png"):
+        cv2.imwrite(str(tmp_path / name), image)
+        expected = cv2.cvtColor(cv2.imread(str(tmp_path / name), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        got, why = decode_image(str(tmp_path / name), 333, 251)
+        assert why == "" and np.array_equal(got, expected)
+    data = np.fromfile(tmp_path / "a.jpg", np.uint8)
+    for f in (2, 4, 8):
+        expected = cv2.cvtColor(cv2.imdecode(data, REDUCED_FLAGS[f]), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(cv2.imdecode(data, REDUCED_RGB_FLAGS[f]), expected)
+        assert np.array_equal(decode_image(str(tmp_path / "a.jpg"), 333, 251, f)[0], expected)
