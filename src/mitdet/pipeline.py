@@ -1,4 +1,4 @@
-"""Generate dvc.yaml from params.yaml's `backbones:` list.
+"""Generate dvc.yaml from params.yaml's `backbones:` list (and the data folders the chosen source sets).
 
 DVC names `foreach` stages `train@mit_b0`; we want `dvc repro train_mit_b0`, so the per-backbone stages are written
 out explicitly by this module. `python -m mitdet.pipeline --write` regenerates dvc.yaml, `--check` fails when the
@@ -7,13 +7,14 @@ committed file is out of date (CI runs the same check as a test).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import yaml
 
 from mitdet import paths
-from mitdet.params import INFERENCE_KEYS, load_params, train_stage_params
+from mitdet.params import INFERENCE_KEYS, DataParams, load_params, train_stage_params
 from mitdet.paths import BackbonePaths
 
 HEADER = """\
@@ -28,14 +29,14 @@ LOCAL_DATA = [
 COMMON_CODE = ["src/mitdet/params.py", "src/mitdet/io.py", "src/mitdet/paths.py", "src/mitdet/errors.py",
                "src/mitdet/stage.py"]
 PREPARE_CODE = ["src/mitdet/data/sources.py", "src/mitdet/data/synthetic.py", "src/mitdet/data/download.py",
-                "src/mitdet/data/index.py"]
+                "src/mitdet/data/yolo.py", "src/mitdet/data/headers.py", "src/mitdet/data/index.py"]
 INDEX_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py"]
-LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/dataset.py", "src/mitdet/data/transforms.py",
-               "src/mitdet/data/sampler.py"]
+LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py", "src/mitdet/data/dataset.py",
+               "src/mitdet/data/decode.py", "src/mitdet/data/transforms.py", "src/mitdet/data/sampler.py"]
 MODEL_CODE = ["src/mitdet/models"]
 TRAIN_CODE = [f"src/mitdet/{part}" for part in paths.TRAIN_CODE]  # also what the checkpoint fingerprint hashes
 EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/inference.py", "src/mitdet/engine/device.py",
-             "src/mitdet/engine/scoring.py", "src/mitdet/drawing.py", "src/mitdet/runtime.py"]
+             "src/mitdet/engine/scoring.py", "src/mitdet/engine/coco_fast.py", "src/mitdet/drawing.py", "src/mitdet/runtime.py"]
 
 
 def _plot(path: str, **props) -> dict:
@@ -123,12 +124,29 @@ def report_outputs() -> dict:
     }
 
 
-def stages_for(backbones: list[str]) -> dict:
-    """The `stages:` mapping of dvc.yaml."""
+def data_deps(data: DataParams | None) -> list[str]:
+    """prepare_data's data folders: data.local's train/val always (they exist: data/example), and the folders
+    the chosen source sets beyond them (aux folders, test splits, YOLO folders), as ${...} params references."""
+    if data is None or data.source not in ("local", "yolo"):
+        return list(LOCAL_DATA)
+    group = data.local if data.source == "local" else data.yolo
+    named = {"train": group.train, "val": group.val, **{f"tests.{k}": v for k, v in group.tests.items()}}
+    deps = [] if data.source == "local" else list(LOCAL_DATA)
+    for name, split in named.items():
+        if split is None:
+            continue
+        for field in dataclasses.fields(split):
+            if getattr(split, field.name) is not None:
+                deps.append(f"${{data.{data.source}.{name}.{field.name}}}")
+    return deps
+
+
+def stages_for(backbones: list[str], data: DataParams | None = None) -> dict:
+    """The `stages:` mapping of dvc.yaml (`data`: params.data, for the data folders prepare_data reads)."""
     stages: dict = {
         "prepare_data": {
             "cmd": "python stages/prepare_data.py",
-            "deps": ["stages/prepare_data.py", *PREPARE_CODE, *COMMON_CODE, *LOCAL_DATA],
+            "deps": ["stages/prepare_data.py", *PREPARE_CODE, *COMMON_CODE, *data_deps(data)],
             "params": ["seed", "data"],
             # the generated synthetic data is cached; a COCO 2017 download stays in data.coco2017.download_dir
             # (outside DVC's cache, git-ignored) and data/raw holds only the manifest pointing at it
@@ -209,8 +227,8 @@ def artifacts(backbones: list[str]) -> dict:
         "labels": [b, "faster-rcnn", "object-detection"]} for b in backbones}
 
 
-def render(backbones: list[str]) -> str:
-    doc = {"stages": stages_for(backbones), "plots": top_level_plots(backbones), "artifacts": artifacts(backbones)}
+def render(backbones: list[str], data: DataParams | None = None) -> str:
+    doc = {"stages": stages_for(backbones, data), "plots": top_level_plots(backbones), "artifacts": artifacts(backbones)}
     return HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
@@ -222,7 +240,8 @@ def main(argv=None) -> int:
     mode.add_argument("--write", action="store_true", help="regenerate dvc.yaml")
     mode.add_argument("--check", action="store_true", help="fail if dvc.yaml is out of date")
     args = parser.parse_args(argv)
-    text = render(load_params(args.params).backbones)
+    params = load_params(args.params)
+    text = render(params.backbones, params.data)
     target = Path(args.dvc_yaml)
     if args.write:
         from mitdet.io import write_text
@@ -230,7 +249,7 @@ def main(argv=None) -> int:
         print(f"wrote {target}")
         return 0
     if not target.is_file() or target.read_text(encoding="utf-8") != text:
-        print(f"{target} is out of date with {args.params} `backbones:`: run `make dvc-yaml` "
+        print(f"{target} is out of date with {args.params} (`backbones:`, data folders): run `make dvc-yaml` "
               "(python -m mitdet.pipeline --write)", file=sys.stderr)
         return 1
     return 0
