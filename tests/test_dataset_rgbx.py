@@ -278,6 +278,12 @@ def test_reduced_jpeg_decoding_keeps_boxes_exact(tmp_path, min_size, max_size, f
             torch.testing.assert_close(ta["boxes"], tb["boxes"], rtol=0, atol=0)
             assert torch.equal(ta["labels"], tb["labels"])
             assert (a - b).abs().mean() < 0.02  # the same picture (DCT scaling filters unlike bilinear)
+    evaluation = DetectionDataset(split, build_transform(model, None, seed=1))
+    assert evaluation.transform.reduction(480, 640) == 1  # predictions decode whole, as an exported graph does
+    image, rec = evaluation[0][0], split.images[0]
+    whole = cv2.cvtColor(cv2.imread(rec.file, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    expected = cv2.resize(whole, (image.shape[2], image.shape[1]), interpolation=cv2.INTER_LINEAR)
+    assert torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
 
 
 def test_coco_photos_with_generated_aux_at_the_default_size(tmp_path):

@@ -48,7 +48,9 @@ class DetectionTransform:
         self.augment = augment
         self.seed = seed
         self.use_aux = getattr(model, "modality", "rgb") == "rgbx"
-        self.reduce_jpeg = True  # decode large JPEGs at reduced size (module docstring); off: always full size
+        # training decodes large JPEGs at reduced size (module docstring); evaluation and `mitdet predict` decode
+        # them whole, as an exported graph given the full image does, so their predictions agree
+        self.reduce_jpeg = augment is not None
         self.scales = list(augment.multi_scale) if augment and augment.multi_scale else [model.min_size]
         self.hflip = float(augment.hflip) if augment is not None else 0.0
         self.pipeline = None  # albumentations, only for colour jitter (resize and flip are done here, module doc)
