@@ -14,9 +14,10 @@ Exact resume therefore needs the transform reseeded from (seed, epoch, sample in
 RGB+X: an aligned auxiliary image (HxWxN uint8/uint16) gets the same resize and flip as the RGB image (it rides
 along as albumentations' `mask`, which geometric transforms move and photometric ones leave alone).
 
-Reduced decoding: a JPEG at least 2x the drawn output size in both sides is decoded at 1/2, 1/4 or 1/8 size by
+Reduced decoding (training only): a JPEG at least 2x the drawn output size in both sides is decoded at 1/2, 1/4 or 1/8 size by
 libjpeg's DCT scaling (much cheaper than a full decode), then resized; boxes are scaled from the original size.
 Smaller images (the synthetic default, 128-192 px to 160/256) take the full decode, bitwise as before.
+Evaluation decodes whole: its predictions match those of an exported graph fed the full image.
 """
 from __future__ import annotations
 
