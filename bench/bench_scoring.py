@@ -307,7 +307,7 @@ def report_ratios(kind: str, seconds: dict[str, list[float]]) -> None:
 def report(walls: dict[str, list[float]], outs: dict[str, dict], parts: dict[str, float]) -> None:
     """Wall medians and ratios, the 12 stats' agreement, the breakdowns of `score` and the evaluators' parts."""
     report_ratios("wall", walls)
-    ref_name = "pycocotools" if "pycocotools" in outs else "faster_coco_eval"
+    ref_name = next((n for n in ("pycocotools", "faster_coco_eval") if n in outs), next(iter(outs)))
     for n, o in outs.items():
         if n == ref_name:
             continue

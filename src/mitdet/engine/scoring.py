@@ -382,6 +382,7 @@ def score(gt_json, results: list[dict] | str | Path | _Boxes, scorer: str | None
             where, results = str(results), read_results(results)
         t = _timed(timings, "read_json", t)
         det = results if isinstance(results, _Boxes) else detection_arrays(results, where)
+        results = None  # a list read here is freed now, while the GC is paused (else its next pass walks it all)
         ids = _image_subset(prep, image_ids)
         on_images, evaluated = _scored(det, prep, ids, where)
         _timed(timings, "load_results", t)
