@@ -303,8 +303,8 @@ class EvaluateParams:
     top_k: int = _f(10, lo=1)
     samples: int = _f(6, lo=0)
     sample_score_thresh: float = _f(0.3, lo=0.0, hi=1.0)
-    speed_images: int = _f(16, lo=0)
-    speed_warmup: int = _f(2, lo=0)
+    speed_images: int = _f(8, lo=0)
+    speed_warmup: int = _f(1, lo=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     num_workers: int = _f(2, lo=0, hi=64)
