@@ -7,6 +7,11 @@ varied sizes), warms the file cache, then measures with the same number of proce
   3. cv2.imread decode images/s on COCO-sized photos (the shared fixtures, else generated 640x480 JPEGs),
   4. header validation images/s on those same photos,
 and prints the figures and ratios. Usage: .venv/bin/python bench/bench_index.py [--images 120000] [--workers 2]
+
+With --coco-shaped the annotations look like COCO train2017's (about 7.85 per image, polygon segmentations, float
+boxes and areas, 1% crowd regions with RLE counts, COCO's image-entry fields: 100k images give ~785k annotations
+and a ~400 MB JSON), and --stage-only times the build_index stage alone (no header/decode comparison).
+--make-only DIR writes the dataset (manifest.json in DIR) and stops: to time the stage under /usr/bin/time -v.
 """
 from __future__ import annotations
 
@@ -42,21 +47,49 @@ def _sources(n_kinds: int = 12) -> list[tuple[bytes, int, int]]:
     return out
 
 
-def _make_index(root: Path, n: int) -> Path:
+def _coco_annotations(rng, image_id: int, w: int, h: int, first_id: int) -> list[dict]:
+    """COCO-train-shaped annotations of one image: ~7.85 on average (geometric-ish), polygons of 8-40 points."""
+    out = []
+    for k in range(int(rng.geometric(1 / 7.85)) - (1 if rng.random() < 0.01 else 0)):
+        bw, bh = round(float(rng.uniform(1, w * 0.9)), 2), round(float(rng.uniform(1, h * 0.9)), 2)
+        x, y = round(float(rng.uniform(0, w - bw)), 2), round(float(rng.uniform(0, h - bh)), 2)
+        crowd = int(rng.random() < 0.01)
+        if crowd:
+            seg = {"counts": [int(c) for c in rng.integers(0, 400, int(rng.integers(20, 200)))], "size": [h, w]}
+        else:
+            pts = rng.uniform(0, 1, (int(rng.integers(8, 41)), 2)) * (bw, bh) + (x, y)
+            seg = [[round(float(v), 2) for v in pts.ravel()]]
+        out.append({"segmentation": seg, "area": round(float(bw * bh * rng.uniform(0.3, 0.9)), 4), "iscrowd": crowd,
+                    "image_id": image_id, "bbox": [x, y, bw, bh], "category_id": int(rng.integers(1, 81)),
+                    "id": first_id + k})
+    return out
+
+
+def _make_index(root: Path, n: int, coco_shaped: bool = False) -> Path:
     img_dir = root / "images"
-    img_dir.mkdir()
+    img_dir.mkdir(parents=True)
     sources = _sources()
+    rng = np.random.default_rng(2)
     images, anns = [], []
     for i in range(n):
         data, w, h = sources[i % len(sources)]
         name = f"{i:012d}.jpg"
         with open(img_dir / name, "wb") as f:  # a copy, not a link: every file has its own inode and cache pages
             f.write(data)
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, w / 2, h / 2], "iscrowd": 0})
-    coco = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+        if coco_shaped:
+            images.append({"license": 3, "file_name": name, "coco_url": f"http://images.cocodataset.org/train2017/"
+                           f"{name}", "height": h, "width": w, "date_captured": "2013-11-14 16:28:13",
+                           "flickr_url": f"http://farm4.staticflickr.com/3153/{i}_e1d3a8d4f3_z.jpg", "id": i + 1})
+            anns.extend(_coco_annotations(rng, i + 1, w, h, len(anns) + 1))
+        else:
+            images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
+            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, w / 2, h / 2], "iscrowd": 0})
+    cats = ([{"supercategory": "thing", "id": c, "name": f"class{c}"} for c in range(1, 81)] if coco_shaped
+            else [{"id": 1, "name": "thing"}])
+    coco = {"info": {"description": "bench"}, "licenses": [], "images": images, "annotations": anns,
+            "categories": cats}
     (root / "train.json").write_text(json.dumps(coco))
-    (root / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": coco["categories"]}))
+    (root / "val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
     manifest = {"source": "local", "splits": {s: {"images": str(img_dir), "annotations": str(root / f"{s}.json")}
                                               for s in ("train", "val")}}
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -97,12 +130,34 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-repeats", type=int, default=2, help="passes of cv2.imread over the COCO-sized sample")
     ap.add_argument("--dir", default=None, help="where to build the temporary index (default: the system temp dir)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--coco-shaped", action="store_true", help="COCO-train-shaped annotations (~7.85 per image)")
+    ap.add_argument("--stage-only", action="store_true", help="time the build_index stage only")
+    ap.add_argument("--make-only", default=None, metavar="DIR", help="write the dataset to DIR and stop")
     args = ap.parse_args(argv)
+    if args.make_only:
+        manifest = _make_index(Path(args.make_only), args.images, args.coco_shaped)
+        size = (Path(args.make_only) / "train.json").stat().st_size
+        print(f"wrote {manifest} ({args.images} images, train.json {size / 1e6:.1f} MB)")
+        return 0
+    if args.stage_only:
+        tmp = Path(tempfile.mkdtemp(prefix="mitdet-bench-index-", dir=args.dir))
+        try:
+            manifest = _make_index(tmp, args.images, args.coco_shaped)
+            size = (tmp / "train.json").stat().st_size
+            t0 = time.perf_counter()
+            metrics = build_index(manifest, IndexParams(workers=args.workers), tmp / "index")
+            stage_s = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        m = metrics["splits"]["train"]
+        print(f"build_index stage : {args.images / stage_s:>9,.0f} images/s  ({stage_s:.2f} s; {m['annotations']} "
+              f"annotations, train.json {size / 1e6:.1f} MB, {args.workers} processes)")
+        return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="mitdet-bench-index-", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        manifest = _make_index(tmp, args.images)
+        manifest = _make_index(tmp, args.images, args.coco_shaped)
         print(f"made {args.images} JPEG files + COCO JSON in {tmp} ({time.perf_counter() - t0:.1f} s)", flush=True)
         paths = [str(p) for p in sorted((tmp / "images").iterdir())]
         coco_paths = _coco_sized(tmp, 200)
