@@ -1,6 +1,15 @@
-"""Where an evaluate_<backbone> run's time goes, phase by phase, in one process (imports excluded).
+"""Stage overhead (issue 21): where an evaluate_<backbone> run's time goes, and a no-op `dvc repro`.
 
     python bench/bench_stage_overhead.py --root DIR [--backbone mit_b0] [--runs 3]
+    python bench/bench_stage_overhead.py --dvc-noop [--runs 5] [--raw DIR] [--extra-path DIR]
+
+--dvc-noop clones this checkout into a temporary folder, puts a stand-in for every output dvc.yaml declares
+(`--raw`: a real data/raw to copy, e.g. one prepare_data made; else one small file per output), records them with
+`dvc commit -f`, checks `dvc status` is clean, then times `dvc repro` and `dvc status` with nothing to do, `--runs`
+times each, and `dvc version` (DVC's own start-up). `--extra-path` goes first on PYTHONPATH for an A/B run (e.g. a
+folder with ruamel.yaml.clib's `_ruamel_yaml` extension unpacked), interleaved with the plain runs.
+
+The evaluate mode:
 
 DIR is a project folder with params.yaml, data/index/ (+ the images it names) and models/<b>/; the outputs
 (metrics/, plots/, data/predictions/) are written there, so use a scratch copy, e.g.:
@@ -19,14 +28,77 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
+
+
+def declared_outputs(dvc_yaml: dict, work: Path) -> list[Path]:
+    """Every outs/metrics/plots path of dvc.yaml's stages, under `work`."""
+    return [work / (next(iter(out)) if isinstance(out, dict) else out) for stage in dvc_yaml["stages"].values()
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])]
+
+
+def dvc_noop(runs: int, raw: str | None, extra_path: str | None) -> int:
+    import shutil
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    work = Path(tempfile.mkdtemp(prefix="noop-")) / "project"
+    subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True)
+    if raw:
+        shutil.copytree(raw, work / "data" / "raw", dirs_exist_ok=True)
+    for path in declared_outputs(yaml.safe_load((work / "dvc.yaml").read_text()), work):
+        if path.exists():
+            continue
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}\n" if path.suffix == ".json" else "a\n")
+        else:  # a folder output: one file in it
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "stand_in.txt").write_text("a\n")
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    subprocess.run([dvc, "commit", "-f", "-q"], cwd=work, env=env, check=True, capture_output=True)
+    status = subprocess.run([dvc, "status", "-q"], cwd=work, env=env, capture_output=True, text=True)
+    if status.returncode != 0 or status.stdout.strip():
+        print(f"dvc status is not clean in {work}:\n{status.stdout[-3000:]}", file=sys.stderr)
+        return 1
+    variants = {"plain": {k: v for k, v in env.items() if k != "PYTHONPATH"}}
+    if extra_path:
+        variants["extra-path"] = dict(variants["plain"], PYTHONPATH=extra_path)
+    times: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for name, venv in variants.items():
+            for cmd in ("repro", "status"):
+                t = time.perf_counter()
+                subprocess.run([dvc, cmd, "-q"], cwd=work, env=venv, check=True, capture_output=True)
+                times.setdefault(f"dvc {cmd} ({name})", []).append(time.perf_counter() - t)
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run([dvc, "version", "-q"], cwd=work, env=variants["plain"], check=True, capture_output=True)
+        times.setdefault("dvc version", []).append(time.perf_counter() - t)
+    for label, vals in times.items():
+        print(f"{label:28s} " + " ".join(f"{v:5.2f}" for v in vals) + f"   median {statistics.median(vals):.2f} s")
+    print(f"load average {os.getloadavg()[0]:.1f}; project copy: {work}")
+    return 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", required=True)
+    ap.add_argument("--root")
     ap.add_argument("--backbone", default="mit_b0")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dvc-noop", action="store_true")
+    ap.add_argument("--raw")
+    ap.add_argument("--extra-path")
     args = ap.parse_args()
+    if args.dvc_noop:
+        return dvc_noop(args.runs, args.raw, args.extra_path)
+    if not args.root:
+        ap.error("--root is required (or --dvc-noop)")
     os.chdir(args.root)
 
     from mitdet import stage
