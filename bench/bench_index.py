@@ -11,7 +11,8 @@ and prints the figures and ratios. Usage: .venv/bin/python bench/bench_index.py 
 With --coco-shaped the annotations look like COCO train2017's (about 7.85 per image, polygon segmentations, float
 boxes and areas, 1% crowd regions with RLE counts, COCO's image-entry fields: 100k images give ~785k annotations
 and a ~400 MB JSON), and --stage-only times the build_index stage alone (no header/decode comparison).
---make-only DIR writes the dataset (manifest.json in DIR) and stops: to time the stage under /usr/bin/time -v.
+--make-only DIR writes the dataset (manifest.json in DIR) and stops; --stage-on DIR then times the stage on it
+(run it under /usr/bin/time -v for the peak memory).
 """
 from __future__ import annotations
 
@@ -133,7 +134,20 @@ def main(argv=None) -> int:
     ap.add_argument("--coco-shaped", action="store_true", help="COCO-train-shaped annotations (~7.85 per image)")
     ap.add_argument("--stage-only", action="store_true", help="time the build_index stage only")
     ap.add_argument("--make-only", default=None, metavar="DIR", help="write the dataset to DIR and stop")
+    ap.add_argument("--stage-on", default=None, metavar="DIR", help="time build_index on DIR (from --make-only)")
     args = ap.parse_args(argv)
+    if args.stage_on:
+        out = Path(tempfile.mkdtemp(prefix="mitdet-bench-index-", dir=args.dir))
+        try:
+            t0 = time.perf_counter()
+            metrics = build_index(Path(args.stage_on) / "manifest.json", IndexParams(workers=args.workers), out)
+            stage_s = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        m, size = metrics["splits"]["train"], (Path(args.stage_on) / "train.json").stat().st_size
+        print(f"build_index stage : {m['images'] / stage_s:>9,.0f} images/s  ({stage_s:.2f} s; {m['annotations']} "
+              f"annotations, train.json {size / 1e6:.1f} MB, {args.workers} processes)")
+        return 0
     if args.make_only:
         manifest = _make_index(Path(args.make_only), args.images, args.coco_shaped)
         size = (Path(args.make_only) / "train.json").stat().st_size
