@@ -538,11 +538,10 @@ def _stat(precision: np.ndarray, recall: np.ndarray, params, key: str) -> tuple[
         s = s[int(np.argmin(np.abs(np.asarray(params.iouThrs) - iou)))]
     valid = s > -1
     overall = finite_or_none(np.mean(s[valid])) if valid.any() else None
-    k = s.shape[-1]
-    count = valid.reshape(-1, k).sum(axis=0)
-    total = np.where(valid, s, 0.0).reshape(-1, k).sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return overall, np.where(count > 0, total / count, np.nan)
+    per_class = np.full(s.shape[-1], np.nan)
+    for k in np.flatnonzero(valid.reshape(-1, s.shape[-1]).any(axis=0)):  # np.mean of each: summarize's sums
+        per_class[k] = np.mean(s[..., k][valid[..., k]])
+    return overall, per_class
 
 
 def _counts(values: np.ndarray, cat_ids: np.ndarray) -> np.ndarray:
