@@ -373,10 +373,11 @@ def test_a_results_file_scores_like_its_list_and_the_list_is_left_alone(tmp_path
     path = tmp_path / "det.json"
     write_json(path, dets)
     kept = copy.deepcopy(dets)
-    a, b = score(gt, path), score(gt, dets)
-    assert (a.summary, a.per_class, a.pr_curves) == (b.summary, b.per_class, b.pr_curves)
-    assert dets == kept  # no id/area/segmentation added to the caller's dicts
-    assert set(a.timings) >= {"read_json", "load_results", "iou", "evaluate_accumulate", "per_class"}
+    for scorer, parts in (("faster_coco_eval", {"iou", "evaluate_accumulate"}), ("fast", {"evaluate", "accumulate"})):
+        a, b = score(gt, path, scorer=scorer), score(gt, dets, scorer=scorer)
+        assert (a.summary, a.per_class, a.pr_curves) == (b.summary, b.per_class, b.pr_curves)
+        assert dets == kept  # no id/area/segmentation added to the caller's dicts
+        assert set(a.timings) >= {"read_json", "load_results", "per_class", *parts}
     (tmp_path / "bad.json").write_text('{"image_id": 1}')
     with pytest.raises(DataError, match="not a list of COCO results"):
         score(gt, tmp_path / "bad.json")
@@ -393,8 +394,8 @@ def test_the_loaded_ground_truth_carries_its_scorer():
         other = next(s for s in SCORERS if s != scorer)
         with pytest.raises(DataError, match=f"loaded for {scorer}, not {other}"):
             score(loaded, as_detections(gt), scorer=other)
-    assert score(gt, as_detections(gt)).scorer == "faster_coco_eval"  # the default, as params' evaluate.scorer
-    assert load_coco(gt).__class__.__module__.startswith("faster_coco_eval")
+    assert score(gt, as_detections(gt)).scorer == "fast"  # the default, as params' evaluate.scorer
+    assert load_coco(gt, "faster_coco_eval").__class__.__module__.startswith("faster_coco_eval")
     with pytest.raises(DataError, match="not known"):
         score(gt, [], scorer="detectron")
 

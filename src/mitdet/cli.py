@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from mitdet import stage
 from mitdet.errors import MitdetError
+from mitdet.params import DEFAULT_SCORER, SCORERS
 
 
 class UsageError(MitdetError, ValueError):
@@ -155,8 +156,9 @@ def add_score(sub) -> None:
     p.add_argument("ground_truth", metavar="GT.json", help="COCO instances JSON (images, annotations, categories)")
     p.add_argument("predictions", metavar="PREDICTIONS.json", help="COCO results list or `mitdet predict` output")
     p.add_argument("--out", metavar="DIR", help="write eval.json and per_class.json here (the evaluate stage's format)")
-    p.add_argument("--scorer", choices=["faster_coco_eval", "pycocotools"], default="faster_coco_eval",
-                   help="COCOeval implementation (same numbers; default faster_coco_eval)")
+    p.add_argument("--scorer", choices=list(SCORERS), default=DEFAULT_SCORER,
+                   help=f"COCOeval implementation, all with pycocotools' numbers: fast (numpy core), "
+                   f"faster_coco_eval (C++) or pycocotools (the reference); default {DEFAULT_SCORER}")
     p.add_argument("--top-k", type=_positive_int, default=10, help="rows of the top and bottom class tables")
     p.set_defaults(func=cmd_score)
 

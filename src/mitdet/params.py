@@ -22,6 +22,10 @@ from mitdet.errors import ParamsError
 BACKBONE_NAMES = ("mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 MAX_SEED = 2**32 - 1       # numpy's legacy seeding takes [0, 2**32 - 1]
 MAX_BATCH_SIZE = 4096
+# COCO scorers, all giving pycocotools' numbers: fast (numpy, engine/coco_fast.py), faster_coco_eval (C++),
+# pycocotools (the reference)
+SCORERS = ("pycocotools", "faster_coco_eval", "fast")
+DEFAULT_SCORER = "fast"
 
 
 def _range(lo=None, hi=None, *, lo_open=False):
@@ -299,7 +303,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = _f(8, lo=1, hi=MAX_BATCH_SIZE)
     max_images: int = _f(0, lo=0)
-    scorer: Literal["pycocotools", "faster_coco_eval", "fast"] = "faster_coco_eval"
+    scorer: Literal[SCORERS] = DEFAULT_SCORER
     top_k: int = _f(10, lo=1)
     samples: int = _f(6, lo=0)
     sample_score_thresh: float = _f(0.3, lo=0.0, hi=1.0)

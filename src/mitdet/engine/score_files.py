@@ -21,6 +21,7 @@ import numpy as np
 from mitdet.engine.scoring import Scores, _member, _no_gc, detection_arrays, load_coco, score
 from mitdet.errors import DataError
 from mitdet.io import write_json
+from mitdet.params import DEFAULT_SCORER
 
 try:
     import orjson
@@ -174,7 +175,7 @@ def read_predictions(path: str | os.PathLike, gt: dict):
 
 
 def score_file(gt_path: str | os.PathLike, predictions_path: str | os.PathLike,
-               scorer: str = "faster_coco_eval") -> Scores:
+               scorer: str = DEFAULT_SCORER) -> Scores:
     """Scores of a predictions file against a COCO ground truth file; `summary` holds COCOeval's 12 stats."""
     t0 = time.perf_counter()
     # the GC paused throughout: the parsed entries are freed (read_predictions returns arrays) before it runs

@@ -28,6 +28,7 @@ from mitdet.data.index import check_coco, read_coco
 from mitdet.engine import coco_fast
 from mitdet.errors import DataError
 from mitdet.io import finite_or_none, read_json
+from mitdet.params import DEFAULT_SCORER, SCORERS
 
 try:
     import orjson
@@ -36,8 +37,6 @@ except ImportError:  # pragma: no cover - a dependency; the stdlib parser is the
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("pycocotools", "faster_coco_eval", "fast")
-DEFAULT_SCORER = "faster_coco_eval"
 # COCOeval.stats in its order: (precision or recall, IoU threshold or None for 0.50:0.95, area range, max dets)
 STAT_SPECS = {
     "AP": ("precision", None, "all", 100), "AP50": ("precision", 0.5, "all", 100),

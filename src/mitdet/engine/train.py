@@ -40,7 +40,7 @@ from mitdet.io import write_json
 from mitdet.models import build_detector, count_parameters
 from mitdet.models.bundle import inference_spec, init_from_model, save_inference_model
 from mitdet.models.pretrained import is_detector_folder, pretrained_for
-from mitdet.params import ModelParams, TrainParams
+from mitdet.params import DEFAULT_SCORER, ModelParams, TrainParams
 from mitdet.runtime import machine_info
 from mitdet.paths import BackbonePaths
 
@@ -113,7 +113,7 @@ class Run:
     data: Data
     hooks: Hooks
     fingerprint: dict
-    scorer: str = "faster_coco_eval"
+    scorer: str = DEFAULT_SCORER
     ddp: nn.Module | None = None
     stop_flag: StopFlag | None = None
     tb: TensorBoard | None = None
@@ -135,7 +135,7 @@ class Run:
 # ------------------------------------------------------------------------------------------------ set up
 def train(backbone: str, train: TrainParams, model: ModelParams, seed: int, index_dir: str = "data/index",
           out: BackbonePaths | None = None, hooks: Hooks | None = None,
-          scorer: str = "faster_coco_eval") -> dict:
+          scorer: str = DEFAULT_SCORER) -> dict:
     """Train `backbone` with `train` (per-backbone overrides already applied) and `model`; return train.json.
 
     Resumes a matching interrupted `last.pt`; raises `Interrupted` after saving it on SIGINT/SIGTERM. `scorer`
