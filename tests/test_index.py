@@ -296,3 +296,20 @@ def test_coco_shape_check_names_the_entry():
         check_coco(bad_box, "gt.json", strict=True)
     with pytest.raises(DataError, match=r"gt\.json: images\[0\] needs an integer `id`"):
         check_coco({**ok, "images": ["x.jpg"]}, "gt.json", strict=True)
+
+
+def test_ground_truth_written_in_pieces_is_one_compact_json(tmp_path):
+    """instances_<split>.json is serialised image by image; it must read back and be byte for byte what one dump
+    of the whole object writes (the format of earlier versions), and gc is back on afterwards."""
+    import gc
+
+    import mitdet.data.index as index_mod
+    manifest = _dataset(tmp_path)
+    build_index(manifest, IndexParams(), tmp_path / "index")
+    assert gc.isenabled()
+    for split in ("train", "val"):
+        raw = (tmp_path / "index" / f"instances_{split}.json").read_bytes()
+        gt = json.loads(raw)
+        assert list(gt) == ["info", "licenses", "images", "annotations", "categories"]
+        assert [a["id"] for a in gt["annotations"]] == list(range(1, len(gt["annotations"]) + 1))
+        assert raw.decode() == index_mod._dumps(gt)
