@@ -238,7 +238,7 @@ def test_hflip_moves_boxes(index_dir):
                  if len(r.boxes) and not r.iscrowd.any() and "broken" not in r.file)
     rec = split.images[rec_i]
     flip = DetectionDataset(split, build_transform(MODEL, AugmentParams(hflip=1.0), seed=0))
-    plain = DetectionDataset(split, build_transform(MODEL, None, seed=0))
+    plain = DetectionDataset(split, build_transform(MODEL, AugmentParams(hflip=0.0), seed=0))  # decoded alike
     (img_f, t_f), (img_p, t_p) = flip[(rec_i, 0)], plain[rec_i]
     torch.testing.assert_close(img_f, img_p.flip(-1))
     w = img_p.shape[2]

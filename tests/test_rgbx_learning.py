@@ -24,8 +24,10 @@ def _bench():
 
 def test_rgbx_beats_rgb_on_the_classes_only_thermal_tells_apart(tmp_path):
     bench = _bench()
-    settings = bench.argparse.Namespace(train_images=200, val_images=60, epochs=6, threads=1)  # 150 steps
-    base = {**bench.base_overrides(settings), "data.synthetic.min_side": 96, "data.synthetic.max_side": 128,
+    # 150 steps; 2 threads and no loader process: the suite runs one test at a time
+    settings = bench.argparse.Namespace(train_images=200, val_images=60, epochs=6, threads=2)
+    base = {**bench.base_overrides(settings), "train.num_workers": 0, "data.synthetic.min_side": 96,
+            "data.synthetic.max_side": 128,
             "model.min_size": 112, "model.max_size": 160, "train.warmup_steps": 20}
     data = tmp_path / "data_project"
     data.mkdir()
