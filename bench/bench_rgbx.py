@@ -1,10 +1,11 @@
 """RGB+X cost: parameters and GFLOPs per MiT variant and fusion, and CPU training step time against RGB-only.
 
-    .venv/bin/python bench/bench_rgbx.py [--aux 2] [--sizes 160x256,512x640] [--step-backbones mit_b0,mit_b2]
-                                         [--steps 5] [--threads 1]
+    .venv/bin/python bench/bench_rgbx.py [--aux 2] [--sizes 160x256,512x640] [--fusions cmx,add,...]
+                                         [--step-backbones mit_b0,mit_b2] [--steps 5] [--threads 1]
 
 The detectors are params.yaml's (fpn_channels, heads, anchors) with modality rgb and rgbx x each fusion, N aux
-channels (2, as the issue's data: thermal + event). GFLOPs by models.detector_gflops (one eval forward, the heads
+channels (2, as the issue's data: thermal + event); `--fusions` (default: every one, cmx add concat switch guided)
+picks the size table's rows, and `--step-backbones ''` skips the step times. GFLOPs by models.detector_gflops (one eval forward, the heads
 included). Step time: forward + backward + AdamW step on a batch of random images of the configured input size,
 rgb and rgbx steps interleaved (so load drifts hit both), 1 thread; the median of `--steps` after a warm-up.
 """
@@ -30,20 +31,20 @@ from mitdet.params import load_params  # noqa: E402
 NUM_CLASSES = 9  # the synthetic default's 8 classes + background
 
 
-def variants(model, aux: int):
+def variants(model, aux: int, fusions=FUSIONS):
     """(label, model params, aux_channels): RGB-only, then rgbx with each fusion."""
     yield "rgb", dataclasses.replace(model, modality="rgb"), 0
-    for fusion in FUSIONS:
+    for fusion in fusions:
         yield f"rgbx {fusion}", dataclasses.replace(model, modality="rgbx", fusion=fusion), aux
 
 
-def size_table(model, aux: int, sizes: list[tuple[int, int]]) -> None:
+def size_table(model, aux: int, sizes: list[tuple[int, int]], fusions=FUSIONS) -> None:
     """One row per backbone x variant: parameters (M) and GFLOPs at each size."""
     heads = " | ".join(f"GFLOPs {h}x{w}" for h, w in sizes)
     print(f"| backbone | model | params (M) | {heads} |")
     print("|---|---|---:|" + "---:|" * len(sizes))
     for backbone in MIT_CONFIGS:
-        for label, params, n in variants(model, aux):
+        for label, params, n in variants(model, aux, fusions):
             torch.manual_seed(0)
             det = build_detector(backbone, NUM_CLASSES, params, aux_channels=n).eval()
             flops = " | ".join(f"{detector_gflops(det, h, w):.1f}" for h, w in sizes)
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--aux", type=int, default=2)
     parser.add_argument("--sizes", default="160x256,512x640")
+    parser.add_argument("--fusions", default=",".join(FUSIONS))
     parser.add_argument("--step-backbones", default="mit_b0,mit_b2")
     parser.add_argument("--step-fusions", default="cmx,add")
     parser.add_argument("--steps", type=int, default=5)
@@ -104,7 +106,11 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} thread(s), aux channels {args.aux}, "
           f"fpn_channels {model.fpn_channels}, batch {p.train.batch_size} at {model.min_size}x{model.max_size}")
     if not args.skip_sizes:
-        size_table(model, args.aux, sizes)
+        fusions = [f for f in args.fusions.split(",") if f]
+        unknown = set(fusions) - set(FUSIONS)
+        if unknown:
+            parser.error(f"unknown fusion(s) {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}")
+        size_table(model, args.aux, sizes, fusions)
     print()
     print("| backbone | fusion | rgb s/step | rgbx s/step | ratio |")
     print("|---|---|---:|---:|---:|")

@@ -34,6 +34,11 @@ def fusion_parameters(fusion: str, d: int) -> int:
         return 0
     if fusion == "concat":
         return 2 * d * d + d
+    spatial = 4 * 7 * 7 + 1  # 7x7 conv over [mean, max] of both streams -> one map
+    if fusion == "switch":
+        return 2 * (d * d + d) + spatial  # a 1x1 gate conv per stream
+    if fusion == "guided":
+        return (2 * d * d + d) + spatial  # 1x1 channel attention over both streams' context
     channel_weights = (4 * d * 4 * d + 4 * d) + (4 * d * 2 * d + 2 * d)
     spatial_weights = (2 * d * d + d) + (d * 2 + 2)
     cross_path = 2 * (d * 2 * d + 2 * d) + 2 * (d * 2 * d) + 2 * (2 * d * d + d) + 2 * (2 * d)
@@ -111,7 +116,11 @@ def test_rgbx_detector_trains_with_gradients_in_both_streams_and_the_fusion(fusi
                       "backbone.body.fusions.2.frm.spatial_weights.mlp.0.weight",
                       "backbone.body.fusions.1.ffm.cross.cross_attn.kv1.weight",
                       "backbone.body.fusions.3.ffm.channel_emb.residual.weight"],
-              "concat": [f"backbone.body.fusions.{i}.proj.weight" for i in range(4)], "add": []}[fusion]
+              "concat": [f"backbone.body.fusions.{i}.proj.weight" for i in range(4)], "add": [],
+              "switch": [f"backbone.body.fusions.{i}.{m}.weight" for i in range(4)
+                         for m in ("gate_rgb", "gate_aux", "spatial")],
+              "guided": [f"backbone.body.fusions.{i}.{m}.weight" for i in range(4) for m in ("channel", "spatial")]
+              }[fusion]
     for name in names:
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())

@@ -67,7 +67,7 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("fusion", ["cmx", "concat"])
+@pytest.mark.parametrize("fusion", ["cmx", "concat", "switch", "guided"])
 def test_rgbx_training_saves_a_model_that_rebuilds_with_its_aux_channels(tmp_path, index_dir, fusion):
     run(tmp_path, index_dir, tiny_train(epochs=1, max_steps=2), model=rgbx_model(fusion))
     p = BackbonePaths(B)

@@ -175,7 +175,7 @@ class ModelParams:
     channels_last: bool = False
     compile: bool = False
     modality: Literal["rgb", "rgbx"] = "rgb"   # rgbx: a second MiT stream on an aligned auxiliary image, fused
-    fusion: Literal["cmx", "add", "concat"] = "cmx"   # rgbx: how the two streams are fused at every stage
+    fusion: Literal["cmx", "add", "concat", "switch", "guided"] = "cmx"  # rgbx: how the streams are fused at each stage
     aux_mean: list[float] = field(default_factory=lambda: [0.5])   # rgbx: one value, or one per aux channel
     aux_std: list[float] = field(default_factory=lambda: [0.5])
 

@@ -6,7 +6,11 @@ reference code is the repository huaaaliu/RGBX_Semantic_Segmentation): a Feature
 each stream with the other, channel- and spatial-wise, and the rectified maps feed each stream's next stage; a
 Feature Fusion Module (FFM: cross-attention with efficient global context, then a channel embedding) gives the
 stage's fused map to the FPN. `add` and `concat` are the plain baselines for ablation: the streams run apart and
-only their maps are merged. Every fused map has the RGB stream's width, so the FPN and heads are unchanged.
+only their maps are merged. `switch` exchanges channels between the streams by learned gates (after CEN, Wang et al.,
+"Deep Multimodal Fusion by Channel Exchanging") and fuses them under a spatial attention map (CBAM's); `guided`
+adds the aux map to RGB under channel and spatial attention guided by both (after GAFF, Zhang et al., "Guided
+Attentive Feature Fusion for Multispectral Pedestrian Detection"). Every fused map has the RGB stream's width, so
+the FPN and heads are unchanged.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from torch import Tensor, nn
 
 from mitdet.models.mit import MixVisionTransformer, _init_weights, build_mit
 
-FUSIONS = ("cmx", "add", "concat")
+FUSIONS = ("cmx", "add", "concat", "switch", "guided")
 
 
 # ------------------------------------------------------------------------------------- Feature Rectify Module
@@ -184,6 +188,46 @@ class ConcatFusion(nn.Module):
         return rgb, aux, self.proj(torch.cat((rgb, aux), 1))
 
 
+def pooled_maps(*maps: Tensor) -> Tensor:
+    """Each map's channel mean and max, concatenated: [B, 2 * len(maps), H, W] (CBAM's spatial-attention input)."""
+    return torch.cat([t for x in maps for t in (x.mean(1, keepdim=True), x.amax(1, keepdim=True))], 1)
+
+
+class SwitchFusion(nn.Module):
+    """Channel switching, then spatial attention: each stream keeps its channels by a gate from its global context
+    and takes the rest from the other; the switched streams go on, their sum weighted per pixel is the fused map."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        # CEN replaces a channel whose BatchNorm scale is small by the other stream's; MiT has no BatchNorm, so the
+        # differentiable form: a per-channel gate (avg pool -> 1x1 -> sigmoid) from each stream's own context
+        self.gate_rgb = nn.Conv2d(dim, dim, 1)
+        self.gate_aux = nn.Conv2d(dim, dim, 1)
+        self.spatial = nn.Conv2d(4, 1, kernel_size, padding=kernel_size // 2)  # [mean, max] of both streams
+
+    def forward(self, rgb: Tensor, aux: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g_rgb = self.gate_rgb(rgb.mean((2, 3), keepdim=True)).sigmoid()
+        g_aux = self.gate_aux(aux.mean((2, 3), keepdim=True)).sigmoid()
+        rgb, aux = g_rgb * rgb + (1 - g_rgb) * aux, g_aux * aux + (1 - g_aux) * rgb
+        s = self.spatial(pooled_maps(rgb, aux)).sigmoid()
+        return rgb, aux, s * (rgb + aux)
+
+
+class GuidedFusion(nn.Module):
+    """RGB plus the aux map under channel and spatial attention from both; the streams go on unchanged, as in GAFF
+    (attention builds only the fused map): each stays a single-modality backbone, its pretrained features intact."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        self.channel = nn.Conv2d(dim * 2, dim, 1)
+        self.spatial = nn.Conv2d(4, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, rgb: Tensor, aux: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.channel(torch.cat((rgb, aux), 1).mean((2, 3), keepdim=True)).sigmoid()
+        s = self.spatial(pooled_maps(aux, rgb)).sigmoid()
+        return rgb, aux, rgb + c * s * aux
+
+
 def build_fusion(fusion: str, dim: int, num_heads: int) -> nn.Module:
     """One stage's fusion module `fusion` (FUSIONS) for maps of `dim` channels, with its own initialisation."""
     if fusion == "cmx":
@@ -192,6 +236,10 @@ def build_fusion(fusion: str, dim: int, num_heads: int) -> nn.Module:
         module = AddFusion()
     elif fusion == "concat":
         module = ConcatFusion(dim)
+    elif fusion == "switch":
+        module = SwitchFusion(dim)
+    elif fusion == "guided":
+        module = GuidedFusion(dim)
     else:
         raise ValueError(f"unknown model.fusion '{fusion}'; choose one of: {', '.join(FUSIONS)}")
     module.apply(_init_weights)  # CMX initialises its modules as SegFormer does (BatchNorm: ones and zeros)
