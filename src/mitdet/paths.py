@@ -21,9 +21,9 @@ REPORT_AP_BY_SPLIT_CSV = "plots/report/ap_by_split.csv"  # backbone, split, AP, 
 TRAIN_CODE = ("engine/train.py", "engine/state.py", "engine/stopping.py", "engine/optim.py", "engine/checkpoint.py",
               "engine/logs.py", "engine/monitor.py", "engine/distributed.py", "engine/device.py",
               "engine/inference.py", "engine/scoring.py", "engine/coco_fast.py", "models/mit.py", "models/rgbx.py",
-              "models/detector.py", "models/pretrained.py", "models/bundle.py", "data/index.py", "data/dataset.py",
-              "data/headers.py", "data/decode.py", "data/transforms.py", "data/sampler.py", "params.py", "io.py",
-              "errors.py", "runtime.py")
+              "models/detector.py", "models/roi_align.py", "models/pretrained.py", "models/bundle.py", "data/index.py",
+              "data/dataset.py", "data/headers.py", "data/decode.py", "data/transforms.py", "data/sampler.py",
+              "params.py", "io.py", "errors.py", "runtime.py")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mitdet.models.mit import build_mit
 from mitdet.models.pretrained import is_detector_folder, load_pretrained, load_pretrained_rgbx, pretrained_for
 from mitdet.models.rgbx import build_rgbx
+from mitdet.models.roi_align import MultiScaleRoIAlign
 from mitdet.params import ModelParams
 
 # MiT was pretrained on ImageNet with these (SegFormer's convention); inputs are RGB in 0..1.
