@@ -186,7 +186,7 @@ def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
     from mitdet.engine import scoring as S
 
     with S._no_gc():
-        coco_gt = S.load_coco(gt_path)
+        coco_gt = S.load_coco(gt_path, scorer="faster_coco_eval")  # its C++ ground truth too
         prep = coco_gt.mitdet_prepared
         det = S.detection_arrays(S.read_results(det_path), str(det_path))
         ids = prep.image_ids
@@ -219,15 +219,10 @@ def evaluator_parts(gt_path: Path, det_path: Path) -> dict[str, float]:
 def array_core_parts(prep, det, rows: np.ndarray, ids: np.ndarray) -> dict:
     """CPU seconds of coco_fast's steps on score's inputs (as scoring._eval_fast calls them), and its arrays."""
     from mitdet.engine import coco_fast as F
-    from mitdet.engine.scoring import _member
+    from mitdet.engine.scoring import fast_inputs
 
     params = F.Params()
-    g = prep.anns
-    g_rows = np.flatnonzero(_member(g.image_id, ids)[0] & _member(g.category_id, prep.cat_ids)[0])
-    gt = (np.searchsorted(ids, g.image_id[g_rows]), np.searchsorted(prep.cat_ids, g.category_id[g_rows]),
-          g.bbox[g_rows], g.area[g_rows], g.iscrowd[g_rows])
-    dt = (np.searchsorted(ids, det.image_id[rows]), np.searchsorted(prep.cat_ids, det.category_id[rows]),
-          det.bbox[rows], det.score[rows])
+    gt, dt = fast_inputs(prep, det, rows, ids)
     out = {}
     (pairs, _, _), out["array core: grouping by pair"] = _cpu(lambda: F.group_pairs(len(prep.cat_ids), gt, dt, 100))
     cand, out["array core: candidates and IoUs"] = _cpu(lambda: F.candidates(pairs, params))

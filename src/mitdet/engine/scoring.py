@@ -448,12 +448,7 @@ def _eval_fast(coco_gt, prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: np.
     and accumulated with numpy."""
     params = coco_fast.Params()
     t = time.perf_counter()
-    g = prep.anns
-    g_rows = np.flatnonzero(_member(g.image_id, ids)[0] & _member(g.category_id, prep.cat_ids)[0])
-    gt = (np.searchsorted(ids, g.image_id[g_rows]), np.searchsorted(prep.cat_ids, g.category_id[g_rows]),
-          g.bbox[g_rows], g.area[g_rows], g.iscrowd[g_rows])
-    dt = (np.searchsorted(ids, det.image_id[rows]), np.searchsorted(prep.cat_ids, det.category_id[rows]),
-          det.bbox[rows], det.score[rows])
+    gt, dt = fast_inputs(prep, det, rows, ids)
     pairs, _, _ = coco_fast.group_pairs(len(prep.cat_ids), gt, dt, max(params.maxDets))
     t = _timed(timings, "load_results", t)
     matches = coco_fast.match(pairs, params)
@@ -461,6 +456,18 @@ def _eval_fast(coco_gt, prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: np.
     precision, recall = coco_fast.accumulate(pairs, matches, params)
     _timed(timings, "accumulate", t)
     return precision, recall, params
+
+
+def fast_inputs(prep: _Prepared, det: _Boxes, rows: np.ndarray, ids: np.ndarray) -> tuple[tuple, tuple]:
+    """coco_fast.group_pairs' (ground truth, detections) arrays: the scored images' ground truth of the evaluated
+    categories and the detections `rows`, images and categories as positions in `ids` and `prep.cat_ids`."""
+    g = prep.anns
+    g_rows = np.flatnonzero(_member(g.image_id, ids)[0] & _member(g.category_id, prep.cat_ids)[0])
+    gt = (np.searchsorted(ids, g.image_id[g_rows]), np.searchsorted(prep.cat_ids, g.category_id[g_rows]),
+          g.bbox[g_rows], g.area[g_rows], g.iscrowd[g_rows])
+    dt = (np.searchsorted(ids, det.image_id[rows]), np.searchsorted(prep.cat_ids, det.category_id[rows]),
+          det.bbox[rows], det.score[rows])
+    return gt, dt
 
 
 class _DetectionPairs:

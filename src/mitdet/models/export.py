@@ -233,7 +233,6 @@ def load_check_inputs(spec: dict, paths: list[str] | None, count: int, index_dir
     if not channels:
         return load_check_images(paths, count, index_dir)
     from mitdet.data.dataset import build_loader
-    from mitdet.data.index import load_split
     from mitdet.engine.predict_files import IMAGE_SUFFIXES, check_aux_use, find_images, image_split
     from mitdet.errors import DataError
     from mitdet.params import model_params_from_dict
@@ -242,11 +241,7 @@ def load_check_inputs(spec: dict, paths: list[str] | None, count: int, index_dir
         split, _ = image_split(find_images(paths, IMAGE_SUFFIXES | {".npy"}), [], aux_dir, channels)
         where = " ".join(paths)
     else:
-        if not (Path(index_dir) / "val.jsonl").is_file():
-            raise DataError("no images to check the export on", where=f"{index_dir}/val.jsonl",
-                            fix="pass --check-images PATH --check-aux DIR, or run in the project after "
-                                "`dvc repro build_index`")
-        split, where = load_split(index_dir, "val"), f"{index_dir}/val.jsonl"
+        split, where = _validation_split(index_dir, "pass --check-images PATH --check-aux DIR")
         split.images = split.images[:count]
     loader = build_loader(split, model=model_params_from_dict(spec["model"]), train=None, seed=0, training=False,
                           batch_size=1, num_workers=0)
@@ -255,6 +250,17 @@ def load_check_inputs(spec: dict, paths: list[str] | None, count: int, index_dir
         raise DataError("no readable image with its aux image to check the export on", where=where,
                         fix="pass --check-images PATH and --check-aux DIR (aux images by file stem)")
     return inputs
+
+
+def _validation_split(index_dir: str, option: str):
+    """(the validation index, its path) to check an export on; without an index a DataError offering `option`."""
+    from mitdet.data.index import load_split
+    from mitdet.errors import DataError
+    where = f"{index_dir}/val.jsonl"
+    if not Path(where).is_file():
+        raise DataError("no images to check the export on", where=where,
+                        fix=f"{option}, or run in the project after `dvc repro build_index`")
+    return load_split(index_dir, "val"), where
 
 
 def load_check_images(paths: list[str] | None, count: int, index_dir: str = "data/index") -> list[np.ndarray]:
@@ -268,12 +274,8 @@ def load_check_images(paths: list[str] | None, count: int, index_dir: str = "dat
         files = [str(p) for p, _ in find_images(paths).images]
         where = " ".join(paths)
     else:
-        from mitdet.data.index import load_split
-        if not (Path(index_dir) / "val.jsonl").is_file():
-            raise DataError("no images to check the export on", where=f"{index_dir}/val.jsonl",
-                            fix="pass --check-images PATH (a few real images), or run in the project after "
-                                "`dvc repro build_index`")
-        files, where = [r.file for r in load_split(index_dir, "val").images], f"{index_dir}/val.jsonl"
+        split, where = _validation_split(index_dir, "pass --check-images PATH (a few real images)")
+        files = [r.file for r in split.images]
     images = []
     for file in files:
         image = cv2.imread(file, READ_FLAGS)
