@@ -106,7 +106,7 @@ def test_boxes_only_read_keeps_the_errors_and_the_nan_fallback(tmp_path):
 
 
 def test_build_index_counts_bad_boxes_in_a_file_with_polygons(tmp_path):
-    """Rejection reasons do not depend on how the file was read: a NaN box, a bad entry, a good one."""
+    """Rejection reasons hold in a file read without its polygons: a degenerate box, an unknown category, a good one."""
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "a.jpg"), _img(48, 64))
