@@ -23,9 +23,12 @@ dvc-yaml: $(STAMP)
 check-dvc-yaml: $(STAMP)
 	$(BIN)/python -m mitdet.pipeline --check
 
+# `dvc repro`, with the stale train stages side by side (one `dvc repro --single-item` each, as many at once as the
+# cores hold at train.threads + train.num_workers; LANES=1 for one at a time), evaluation alone afterwards.
+LANES ?=
 repro: $(STAMP)
 	$(BIN)/python -m mitdet.pipeline --check
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m mitdet.repro $(if $(LANES),--lanes $(LANES))
 
 # Lint only (pyflakes, bugbear, complexity; config in pyproject.toml); no formatting.
 lint: $(STAMP)

@@ -47,12 +47,11 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     return out
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def make_project(work: Path) -> tuple[Path, dict, str]:
+    """A git repository at `work` holding a copy of the pipeline with tiny params: (work, env, dvc)."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     if not Path(dvc).exists():
         pytest.skip("dvc is not installed in this interpreter's environment")
-    work = tmp_path_factory.mktemp("e2e") / "project"
     work.mkdir()
     for rel in COPY:
         src = ROOT / rel
@@ -75,6 +74,12 @@ def project(tmp_path_factory):
     run(["git", "init", "-q", "-b", "main"], work, env)
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-qm", "init"], work, env)
+    return work, env, dvc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    work, env, dvc = make_project(tmp_path_factory.mktemp("e2e") / "project")
     repro = run([dvc, "repro"], work, env)
     return work, env, dvc, repro
 
@@ -132,6 +137,27 @@ def test_second_repro_is_a_noop(project):
     work, env, dvc, _ = project
     out = run([dvc, "repro"], work, env)
     assert "Running stage" not in out
+
+
+def test_make_repro_trains_side_by_side_to_the_same_weights(project, tmp_path):
+    """`python -m mitdet.repro` (what `make repro` runs): the two train stages run at once, each in its own
+    `dvc repro`, and give bitwise the weights the one-at-a-time `dvc repro` gave; the project ends up to date."""
+    work, env, dvc, _ = project
+    other, other_env, _ = make_project(tmp_path / "lanes")
+    out = run([sys.executable, "-m", "mitdet.repro", "--lanes", "2", "--dvc", dvc], other, other_env)
+    assert "training train_mit_b0, train_mit_b1: 2 at a time" in out
+    lines = out.splitlines()
+    starts = [lines.index(f"train_mit_b{k} | Running stage 'train_mit_b{k}':") for k in (0, 1)]
+    ends = [max(i for i, line in enumerate(lines) if line.startswith(f"train_mit_b{k} | ")) for k in (0, 1)]
+    assert max(starts) < min(ends), "each train stage started before the other one finished"
+    for stage in ("prepare_data", "build_index", "evaluate_mit_b0", "evaluate_mit_b1", "report"):
+        assert f"Running stage '{stage}'" in out
+    assert json.loads(run([dvc, "status", "--json"], other, other_env)) == {}
+    for b in BACKBONES:
+        weights = f"models/{b}/model.safetensors"
+        assert (other / weights).read_bytes() == (work / weights).read_bytes(), b
+    again = run([sys.executable, "-m", "mitdet.repro", "--lanes", "2", "--dvc", dvc], other, other_env)
+    assert "Running stage" not in again and "at a time" not in again
 
 
 def changed_stages(work: Path, env: dict, dvc: str) -> set[str]:
