@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from mitdet.data.headers import probe_many
-from mitdet.data.index import build_index
+from mitdet.data.build_index import build_index
 from mitdet.params import IndexParams
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from mitdet.data.dataset import DetectionDataset
-from mitdet.data.index import build_index, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split
 from mitdet.data.transforms import build_transform, resized_shape
 from mitdet.params import AugmentParams, IndexParams, ModelParams
 

@@ -68,7 +68,7 @@ def loader_child(cfg: dict) -> None:
 
 def make_index(root: Path, images: int) -> None:
     """A small synthetic dataset (params.yaml's generator settings) and its index under `root`."""
-    from mitdet.data.index import build_index
+    from mitdet.data.build_index import build_index
     from mitdet.data.sources import prepare
     from mitdet.params import load_params
     params = load_params(ROOT / "params.yaml")

@@ -5,7 +5,7 @@ Reads params `index` only; the data comes through data/raw/manifest.json (train,
 from __future__ import annotations
 
 from mitdet import stage
-from mitdet.data.index import build_index
+from mitdet.data.build_index import build_index
 from mitdet.paths import INDEX_DIR, INDEX_METRICS, RAW_MANIFEST, REJECTED_CSV
 
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 import mitdet.io as mio
 from mitdet.data.dataset import DetectionDataset, build_loader
-from mitdet.data.index import build_index, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split
 from mitdet.data.sources import prepare
 from mitdet.data.transforms import build_transform, decode_image
 from mitdet.params import (Coco2017Params, DataParams, IndexParams, LocalParams, ModelParams, SplitPaths,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mitdet.data.dataset import DetectionDataset, build_loader, collate
-from mitdet.data.index import build_index, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split
 from mitdet.data.sampler import GroupedBatchSampler, aspect_ratio_groups
 from mitdet.data.transforms import build_transform
 from mitdet.params import AugmentParams, IndexParams, ModelParams, TrainParams

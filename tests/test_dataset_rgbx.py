@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from mitdet.data.dataset import DetectionDataset, build_loader
-from mitdet.data.index import build_index, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split
 from mitdet.data.synthetic import generate
 from mitdet.data.transforms import build_transform
 from mitdet.params import AugmentParams, IndexParams, ModelParams, SyntheticParams, TrainParams

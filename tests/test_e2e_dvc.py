@@ -201,6 +201,7 @@ def test_a_param_change_reruns_only_what_it_reads(project, change, expected):
 
 
 @pytest.mark.parametrize("path,retrains", [("src/mitdet/drawing.py", False), ("src/mitdet/paths.py", False),
+                                           ("src/mitdet/data/build_index.py", False),  # its output is the dep
                                            ("src/mitdet/engine/optim.py", True)])
 def test_a_code_change_retrains_only_when_training_runs_it(project, path, retrains):
     work, env, dvc, _ = project

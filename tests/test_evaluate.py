@@ -194,7 +194,7 @@ def write_coco_split(root, split: str, sizes, rng, crowd_on=None, broken=None):
 
 @pytest.fixture
 def evaluated_project(tmp_path, capsys):
-    from mitdet.data.index import build_index
+    from mitdet.data.build_index import build_index
     from mitdet.io import write_json
     from mitdet.models import build_detector, save_inference_model
     from mitdet.params import EvaluateParams, IndexParams, ModelParams, RoiParams, RpnParams, to_dict

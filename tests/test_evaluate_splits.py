@@ -232,7 +232,7 @@ def test_report_without_test_splits_is_as_before(project, tmp_path):
 def test_official_coco_annotations_as_a_test_split(fixtures_dir, tmp_path):
     """Real COCO photos through build_index with val2017 indexed a second time as a test split: the split scores
     exactly as val does (same predictions, same stats) and as pycocotools does on the index's ground truth."""
-    from mitdet.data.index import build_index
+    from mitdet.data.build_index import build_index
     from mitdet.models import build_detector, save_inference_model
     from mitdet.params import IndexParams
 

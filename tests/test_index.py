@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from mitdet.data.headers import probe
-from mitdet.data.index import build_index, check_coco, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import check_coco, load_split
 from mitdet.data.sources import prepare
 from mitdet.errors import DataError
 from mitdet.params import IndexParams, LocalParams, SplitPaths, load_params
@@ -106,7 +107,7 @@ def _dataset(tmp_path: Path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_build_index_counts_and_skips_bad_input(tmp_path, workers, monkeypatch):
-    import mitdet.data.index as index_mod
+    import mitdet.data.build_index as index_mod
     monkeypatch.setattr(index_mod, "INLINE_BELOW", 0)  # exercise the process pool on a small set
     manifest = _dataset(tmp_path)
     out = tmp_path / "index"
@@ -303,7 +304,7 @@ def test_ground_truth_written_in_pieces_is_one_compact_json(tmp_path):
     of the whole object writes (the format of earlier versions), and gc is back on afterwards."""
     import gc
 
-    import mitdet.data.index as index_mod
+    import mitdet.data.build_index as index_mod
     manifest = _dataset(tmp_path)
     build_index(manifest, IndexParams(), tmp_path / "index")
     assert gc.isenabled()

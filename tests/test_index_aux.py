@@ -14,7 +14,8 @@ import pytest
 
 import mitdet.data.sources as sources
 from mitdet.data.headers import probe, read_header
-from mitdet.data.index import build_index, load_split, test_splits
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split, test_splits
 from mitdet.errors import DataError
 from mitdet.params import IndexParams, LocalParams, SplitPaths, load_params
 
@@ -135,7 +136,7 @@ def _aux_dataset(tmp_path: Path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_aux_images_every_rejection_reason(tmp_path, workers, monkeypatch):
-    import mitdet.data.index as index_mod
+    import mitdet.data.build_index as index_mod
     monkeypatch.setattr(index_mod, "INLINE_BELOW", 0)  # the process pool on a small set
     manifest = sources.prepare(_aux_dataset(tmp_path), seed=0, root=tmp_path)
     assert manifest["tests"] == ["night"] and manifest["splits"]["night"]["aux"] == "aux"
@@ -232,7 +233,7 @@ def test_real_coco_fixture_with_generated_aux(tmp_path, name, monkeypatch):
     fx = FIXTURES / name
     if not fx.is_dir():
         pytest.skip(f"{fx} is absent (the shared fixtures live beside the repository in ../shared)")
-    import mitdet.data.index as index_mod
+    import mitdet.data.build_index as index_mod
     monkeypatch.setattr(index_mod, "INLINE_BELOW", 0)
     images, ann = fx / "train2017", fx / "annotations" / "instances_train2017.json"
     coco = json.loads(ann.read_text())

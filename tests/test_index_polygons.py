@@ -9,7 +9,8 @@ import cv2
 import pytest
 
 import mitdet.data.index as index_mod
-from mitdet.data.index import build_index, read_coco, without_polygons
+from mitdet.data.build_index import build_index
+from mitdet.data.index import read_coco, without_polygons
 from mitdet.data.sources import prepare
 from mitdet.errors import DataError
 from mitdet.params import IndexParams

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 
 from mitdet.data.dataset import DetectionDataset
-from mitdet.data.index import build_index, load_split
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split
 from mitdet.data.sources import prepare
 from mitdet.data.synthetic import CATEGORIES, generate
 from mitdet.data.transforms import build_transform

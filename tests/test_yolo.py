@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from mitdet.data.index import build_index, load_split, test_splits
+from mitdet.data.build_index import build_index
+from mitdet.data.index import load_split, test_splits
 from mitdet.data.sources import prepare
 from mitdet.errors import DataError
 from mitdet.params import IndexParams, YoloParams, YoloSplit, load_params

@@ -119,7 +119,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.lanes is not None and args.lanes < 1:
         parser.error(f"--lanes must be at least 1, not {args.lanes}")
-    return repro(load_params(args.params), args.lanes, args.dvc)
+    try:
+        return repro(load_params(args.params), args.lanes, args.dvc)
+    except KeyboardInterrupt:  # Ctrl-C reached the stages too: each train stage saved last.pt and stopped
+        print("interrupted: `make repro` again resumes each train stage from its last.pt", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
