@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,28 @@ def images_left_out_by_index(rejected_csv: str | Path, split: str = "val") -> in
 
 
 # ------------------------------------------------------------------------------------------ stage
-def machine_with_load_warning(device) -> dict:
+MIN_CPU_SHARE = 0.8  # a 1-thread speed measurement that got less of its core than this waited for it
+
+
+def cpu_share(cpu_seconds: float, wall_seconds: float, threads: int) -> float | None:
+    """The share of `threads` cores this process computed over a window (1.0: it never waited for a core)."""
+    return cpu_seconds / (wall_seconds * threads) if wall_seconds > 0 and threads > 0 else None
+
+
+def machine_with_load_warning(device, share: float | None = None) -> dict:
     """machine_info beside the speed figures, with a warning when other work shared the CPU while they were
-    measured (the latency then follows the load: many times the idle figure on a busy machine)."""
+    measured (the latency then follows the load: many times the idle figure on a busy machine): a load average
+    above the cores, or (1 thread) a `share` of its core under MIN_CPU_SHARE, which the lagging average misses."""
     info = machine_info(device)
     load, cores = info.get("load_average") or [0.0], info.get("usable_cores") or 1
-    if load and load[0] > cores:
-        log.warning("the machine was busy while speed was measured (load average %.1f on %d cores): ms_per_image "
-                    "and images_per_s are inflated; measure again on a quiet machine", load[0], cores)
-    info["busy"] = bool(load and load[0] > cores)
+    loaded = bool(load and load[0] > cores)
+    starved = share is not None and info.get("threads") == 1 and share < MIN_CPU_SHARE
+    if loaded or starved:
+        log.warning("the machine was busy while speed was measured (load average %.1f on %d cores; this process "
+                    "had %s of its core): ms_per_image and images_per_s are inflated; measure again on a quiet "
+                    "machine", load[0], cores, "?" if share is None else f"{share:.0%}")
+    info["speed_cpu_share"] = None if share is None else round(share, 3)
+    info["busy"] = loaded or starved
     return info
 
 
@@ -145,8 +159,11 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     write_json(root / bp.predictions, results, indent=None)
     scores = score(root / INDEX_DIR / f"instances_{split}.json", results, scorer=evaluate.scorer,
                    image_ids=stats["image_ids"])
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     speed = measure_speed(model, run.speed_images(index), dev, evaluate.speed_warmup, evaluate.speed_images,
                           amp=evaluate.amp)
+    share = cpu_share(time.process_time() - cpu0, time.perf_counter() - wall0,
+                      torch.get_num_threads()) if dev.type == "cpu" and evaluate.speed_images > 0 else None
     params_m = count_parameters(model) / 1e6
     gflops = float(detector_gflops(model, run.model_params.min_size, run.model_params.max_size))
 
@@ -155,7 +172,7 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     left_out = images_left_out_by_index(root / REJECTED_CSV, split)
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
-    metrics["machine"] = machine_with_load_warning(dev)
+    metrics["machine"] = machine_with_load_warning(dev, share)
     test_metrics, test_tables = run_test_splits(run, bp, tests)
     if test_metrics:  # absent without a test split: eval.json as before
         metrics["tests"] = test_metrics
