@@ -123,3 +123,13 @@ def test_bad_lanes_is_refused(capsys):
         repro.main(["--lanes", "0"])
     assert exc.value.code == 2 and "--lanes must be at least 1" in capsys.readouterr().err
 
+
+
+def test_a_failed_status_leaves_the_error_to_dvc_repro(tmp_path, capfd):
+    params = params_with(tmp_path, threads=1, num_workers=0)
+    script = tmp_path / "dvc"
+    script.write_text(f"#!{sys.executable}\nimport sys\nprint('ERROR: failed to read dvc.yaml', file=sys.stderr)\n"
+                      "sys.exit(255)\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    assert repro.repro(params, lanes=2, dvc=str(script)) == 255  # DVC's own code and message, once
+    assert capfd.readouterr().err.count("failed to read dvc.yaml") == 1

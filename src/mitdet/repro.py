@@ -78,10 +78,9 @@ def run_side_by_side(commands: dict[str, list[str]], lanes: int) -> dict[str, in
 
 
 def dvc_status(dvc: str) -> dict | None:
-    """`dvc status --json`: stage name -> its changes (None, with DVC's output on stderr, when it fails)."""
+    """`dvc status --json`: stage name -> its changes; None when DVC fails (a plain `dvc repro` then says why)."""
     status = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True)
     if status.returncode:
-        sys.stderr.write(status.stdout + status.stderr)
         return None
     return json.loads(status.stdout or "{}")
 
@@ -95,7 +94,7 @@ def repro(params: Params, lanes: int | None = None, dvc: str = "dvc") -> int:
             return code
         status = dvc_status(dvc)
     if status is None:
-        return 1
+        return subprocess.call([dvc, "repro"])
     stale = stale_train_stages(status, params.backbones)
     if lanes is None:
         lanes = train_lanes(params, usable_cores(), uses_accelerator(params))
