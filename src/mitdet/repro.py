@@ -39,14 +39,14 @@ def train_lanes(params: Params, cores: int, accelerator: bool) -> int:
 
 
 def uses_accelerator(params: Params) -> bool:
-    """Whether a train stage would run on a GPU (or MPS): `device: cuda|mps`, or `auto` with one present."""
+    """Whether a train stage would run on a GPU (or MPS): `device: cuda|mps`, or `auto` where one is present."""
     devices = {params.train.for_backbone(b).device for b in params.backbones}
-    if devices <= {"cpu"}:
-        return False
     if devices & {"cuda", "mps"}:
         return True
-    import torch  # only for `auto`: whether it would pick an accelerator
-    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+    if "auto" not in devices:
+        return False
+    from mitdet.engine.device import resolve_device  # imports torch: only when something is to train
+    return resolve_device("auto").type != "cpu"
 
 
 def stale_train_stages(status: dict, backbones: list[str]) -> list[str]:
@@ -96,7 +96,7 @@ def repro(params: Params, lanes: int | None = None, dvc: str = "dvc") -> int:
     if status is None:
         return subprocess.call([dvc, "repro"])
     stale = stale_train_stages(status, params.backbones)
-    if lanes is None:
+    if len(stale) > 1 and lanes is None:
         lanes = train_lanes(params, usable_cores(), uses_accelerator(params))
     if len(stale) > 1 and lanes > 1:
         print(f"training {', '.join(stale)}: {min(lanes, len(stale))} at a time", flush=True)
