@@ -178,3 +178,16 @@ def test_by_split_table_and_the_classes_that_moved(project):
 def test_no_test_split_no_by_split(project):
     out = build_report(["mit_b0", "mit_b1", "mit_b2"], ReportParams(), root=project)
     assert "by_split" not in out and "By split" not in (project / REPORT_MD).read_text()
+
+
+def test_a_latency_measured_on_a_busy_machine_is_marked(project):
+    path = project / BackbonePaths("mit_b1").eval_metrics
+    ev = read_json(path)
+    write_json(path, {**ev, "machine": {"busy": True, "load_average": [3.9, 3.0, 2.5], "speed_cpu_share": 0.48}})
+    out = build_report(["mit_b0", "mit_b1", "mit_b2"], ReportParams(metric="AP"), root=project)
+    assert out["backbones"]["mit_b1"]["latency_busy"] is True and out["backbones"]["mit_b0"]["latency_busy"] is False
+    md = (project / REPORT_MD).read_text()
+    assert "| 20.0 (busy) |" in md and "busy (eval.json `machine.busy`), so inflated: mit_b1;" in md
+    write_json(path, ev)  # measured again, quietly: no mark
+    build_report(["mit_b0", "mit_b1", "mit_b2"], ReportParams(metric="AP"), root=project)
+    assert "busy" not in (project / REPORT_MD).read_text()

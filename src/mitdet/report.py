@@ -13,8 +13,8 @@ from mitdet.io import atomic_path, csv_text, read_json, write_json, write_text
 from mitdet.params import BACKBONE_NAMES, ReportParams
 from mitdet.paths import REPORT_AP_BY_SPLIT_CSV, REPORT_JSON, REPORT_MD, REPORT_PLOTS, REPORT_SUMMARY, BackbonePaths
 
-ROW_KEYS = ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image", "train_minutes",
-            "best_epoch", "train_images_per_s")
+ROW_KEYS = ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image", "latency_busy",
+            "train_minutes", "best_epoch", "train_images_per_s")
 CLASS_TABLE_K = 5  # best and worst classes listed in report.md
 SPLIT_KEYS = ("AP", "AP50", "AP75")  # per backbone and split in report.json "by_split" and report.md
 SPLIT_CLASS_K = 10  # classes listed per test split in report.md: the largest changes of AP against val
@@ -50,6 +50,8 @@ def collect(backbones: list[str], root: str | Path = ".") -> dict[str, dict[str,
         row["status"] = "ok"
         for k in ("AP", "AP50", "AP75", "params_m", "gflops", "images_per_s", "ms_per_image"):
             row[k] = _num(ev.get(k))
+        machine = ev.get("machine")  # eval.json's verdict on its own speed measurement
+        row["latency_busy"] = bool(isinstance(machine, dict) and machine.get("busy") is True)
         tr = tr or {}
         seconds = _num(tr.get("seconds"))
         row["train_minutes"] = seconds / 60.0 if seconds is not None else None
@@ -215,7 +217,8 @@ def markdown(report: dict) -> str:
             cells = [b, "missing"] + [""] * (len(head) - 2)
         else:
             cells = [b, _fmt(r["AP"]), _fmt(r["AP50"]), _fmt(r["AP75"]), _fmt(r["params_m"], 2),
-                     _fmt(r["gflops"], 2), _fmt(r["images_per_s"], 1), _fmt(r["ms_per_image"], 1),
+                     _fmt(r["gflops"], 2), _fmt(r["images_per_s"], 1),
+                     _fmt(r["ms_per_image"], 1) + (" (busy)" if r.get("latency_busy") else ""),
                      _fmt(r["train_minutes"], 1), _fmt(r["best_epoch"]), "yes" if r["pareto"] else ""]
             if b == best:  # the name and the ranking metric in bold
                 metric_col = head.index(metric)
@@ -227,6 +230,11 @@ def markdown(report: dict) -> str:
     else:
         lines.append(f"No backbone has an {metric} yet.")
     lines.append(f"Speed/accuracy Pareto set (ms/image against {metric}): {', '.join(report['pareto']) or 'none'}.")
+    busy = [b for b, r in report["backbones"].items() if r.get("latency_busy")]
+    if busy:
+        lines.append(f"Latency measured while the machine was busy (eval.json `machine.busy`), so inflated: "
+                     f"{', '.join(busy)}; the Pareto set may be wrong. Run `dvc repro -f evaluate_<b>` on a quiet "
+                     "machine.")
     missing = [f"{b} ({report['backbones'][b]['reason']})" for b in report["missing"]]
     if missing:
         lines.append(f"Missing: {'; '.join(missing)}.")
