@@ -1,4 +1,5 @@
-"""build_index reads annotation JSON without parsing polygon segmentations: the same index, whatever the file holds."""
+"""build_index reads annotation JSON without parsing polygon segmentations (`mitdet.data.coco_stream`): the same
+index, whatever the file holds."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-import mitdet.data.index as index_mod
+import mitdet.data.coco_stream as stream_mod
 from mitdet.data.build_index import build_index
-from mitdet.data.index import read_coco, without_polygons
+from mitdet.data.coco_stream import read_boxes_only, read_for_index, without_polygons
+from mitdet.data.index import read_coco
 from mitdet.data.sources import prepare
 from mitdet.errors import DataError
 from mitdet.params import IndexParams
@@ -43,10 +45,13 @@ def test_boxes_only_read_of_real_coco_drops_only_the_polygons(tmp_path, layout):
     data = path.read_bytes()
     stripped = without_polygons(data)
     assert stripped is not None and len(stripped) < len(data) / 2  # the polygons are most of the file
-    got = read_coco(path, boxes_only=True)
+    got = read_boxes_only(path, fix="")
     assert got == _polygons_emptied(coco)
     crowd = [a for a in got["annotations"] if a["iscrowd"]]
     assert crowd and all(isinstance(a["segmentation"], dict) and a["segmentation"]["counts"] for a in crowd)
+    rest, annotations = read_for_index(path, fix="")  # the annotations apart, read in chunks
+    assert isinstance(annotations, stream_mod.AnnotationChunks)
+    assert {**rest, "annotations": list(annotations)} == got
     assert read_coco(path) == coco  # the plain read (the scorer's, the download's) keeps everything
 
 
@@ -57,7 +62,8 @@ def test_build_index_outputs_are_the_same_with_and_without_parsing_polygons(tmp_
     ann.write_text(json.dumps(coco, separators=(",", ":")))  # the official files' compact form
     prepare(_local_data(images, ann, images, ann), seed=0, root=tmp_path)
     build_index("data/raw/manifest.json", IndexParams(min_box_size=0.0, workers=1), tmp_path / "fast", root=tmp_path)
-    monkeypatch.setattr(index_mod, "without_polygons", lambda data: None)  # every polygon parsed, as before
+    monkeypatch.setattr(stream_mod.AnnotationChunks, "open", lambda path, fix: None)  # one parse of the file
+    monkeypatch.setattr(stream_mod, "without_polygons", lambda data: None)  # every polygon parsed, as before
     build_index("data/raw/manifest.json", IndexParams(min_box_size=0.0, workers=1), tmp_path / "whole", root=tmp_path)
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "fast").iterdir()) and "instances_val.json" in names
@@ -90,7 +96,10 @@ def test_what_is_not_a_polygon_of_numbers_is_read_whole(tmp_path):
         expected = _polygons_emptied(coco) if what == "the key inside a string" else coco
         if what == "a segmentation key on an image entry":
             assert without_polygons(path.read_bytes()) is not None  # emptied, then seen on the image and re-read
-        assert read_coco(path, boxes_only=True) == expected, what
+        assert read_boxes_only(path, fix="") == expected, what
+        rest, annotations = read_for_index(path, fix="")  # only the annotations' polygons are cut: the image's stays
+        streamed = coco if what == "a string inside the list" else _polygons_emptied(coco)
+        assert {**rest, "annotations": list(annotations)} == streamed, what
     assert without_polygons(b'{"annotations":[{"segmentation":{"counts":"abc","size":[2,2]}}]}') is None
 
 
@@ -98,12 +107,18 @@ def test_boxes_only_read_keeps_the_errors_and_the_nan_fallback(tmp_path):
     path = tmp_path / "a.json"
     text = json.dumps(_coco([_ann([[1, 2, 3, 4]])]), separators=(",", ":"))
     path.write_text(text[:-1])  # truncated: not JSON
-    with pytest.raises(DataError, match=r"a\.json: not valid JSON"):
-        read_coco(path, boxes_only=True)
+    for read in (read_boxes_only, read_for_index):
+        with pytest.raises(DataError, match=r"a\.json: not valid JSON"):
+            read(path, fix="")
     # Python's json.dump writes NaN, which orjson refuses: the standard parser reads the whole file
     path.write_text(json.dumps(_coco([_ann([[1, 2, 3, 4]], bbox=[float("nan"), 2, 10, 12])])))
-    got = read_coco(path, boxes_only=True)
+    got = read_boxes_only(path, fix="")
     assert math.isnan(got["annotations"][0]["bbox"][0]) and got["annotations"][0]["segmentation"] == [[1, 2, 3, 4]]
+    _, annotations = read_for_index(path, fix="")  # found, but its chunks cannot be parsed: build_index reads again
+    with pytest.raises(stream_mod.NotStreamable, match=r"a\.json: the annotations from byte \d+ on do not parse"):
+        list(annotations)
+    got = read_for_index(path, fix="", stream=False)[1]
+    assert math.isnan(next(iter(got))["bbox"][0])
 
 
 def test_build_index_counts_bad_boxes_in_a_file_with_polygons(tmp_path):

@@ -3,6 +3,7 @@ ties and huge values included, and the index must be byte-identical to rounding 
 from __future__ import annotations
 
 import json
+from array import array
 
 import numpy as np
 
@@ -28,12 +29,13 @@ def _values() -> list[float]:
 
 def test_round_boxes_is_round_to_the_bit():
     values = _values()
-    values += [0.0] * (-len(values) % 4)
-    boxes = [values[i:i + 4] for i in range(0, len(values), 4)]
-    expected = [[round(v, 3) for v in box] for box in boxes]
+    expected = [round(v, 3) for v in values]
+    boxes = array("d", values)
     round_boxes(boxes, chunk=1000)  # several chunks and a partial last one
-    assert [[v.hex() for v in box] for box in boxes] == [[v.hex() for v in box] for box in expected]
-    round_boxes([])  # nothing to do
+    assert [v.hex() for v in boxes] == [v.hex() for v in expected]
+    empty = array("d")
+    round_boxes(empty)  # nothing to do
+    assert len(empty) == 0
 
 
 def test_index_is_the_same_as_rounding_value_by_value(tmp_path, monkeypatch):
@@ -49,9 +51,9 @@ def test_index_is_the_same_as_rounding_value_by_value(tmp_path, monkeypatch):
     prepare(_local_data(images, ann, images, ann), seed=0, root=tmp_path)
     build_index("data/raw/manifest.json", IndexParams(min_box_size=0.0, workers=1), tmp_path / "bulk", root=tmp_path)
 
-    def one_by_one(boxes, ndigits=3):
-        for box in boxes:
-            box[:] = [round(v, ndigits) for v in box]
+    def one_by_one(values, ndigits=3):
+        for i, v in enumerate(values):
+            values[i] = round(v, ndigits)
     monkeypatch.setattr(index_mod, "round_boxes", one_by_one)
     build_index("data/raw/manifest.json", IndexParams(min_box_size=0.0, workers=1), tmp_path / "each", root=tmp_path)
     names = sorted(p.name for p in (tmp_path / "each").iterdir())

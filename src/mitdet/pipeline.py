@@ -30,7 +30,7 @@ COMMON_CODE = ["src/mitdet/params.py", "src/mitdet/io.py", "src/mitdet/paths.py"
                "src/mitdet/stage.py"]
 PREPARE_CODE = ["src/mitdet/data/sources.py", "src/mitdet/data/synthetic.py", "src/mitdet/data/download.py",
                 "src/mitdet/data/yolo.py", "src/mitdet/data/headers.py", "src/mitdet/data/index.py"]
-INDEX_CODE = ["src/mitdet/data/build_index.py", "src/mitdet/data/index.py", "src/mitdet/data/headers.py"]
+INDEX_CODE = ["src/mitdet/data/build_index.py", "src/mitdet/data/coco_stream.py", "src/mitdet/data/index.py", "src/mitdet/data/headers.py"]
 LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py", "src/mitdet/data/dataset.py",
                "src/mitdet/data/decode.py", "src/mitdet/data/transforms.py", "src/mitdet/data/sampler.py"]
 MODEL_CODE = ["src/mitdet/models"]

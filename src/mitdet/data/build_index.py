@@ -37,15 +37,18 @@ import multiprocessing
 import os
 import logging
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from mitdet.data.headers import CHANNELS_MISMATCH, main_image, probe_many, read_header
-from mitdet.data.index import _NUMBER, AUX_EXTS, REPREPARE, SPLITS, Category, _is_int, _short, orjson, read_coco
+from mitdet.data.coco_stream import NotStreamable, read_for_index
+from mitdet.data.index import _NUMBER, AUX_EXTS, REPREPARE, SPLITS, Category, _is_int, _short, orjson
 from mitdet.errors import DataError
-from mitdet.io import atomic_path, clean_json, finite_or_none, read_json, write_bytes, write_json
+from mitdet.io import atomic_path, clean_json, finite_or_none, read_json, write_json
 from mitdet.params import IndexParams
 
 log = logging.getLogger(__name__)
@@ -63,13 +66,17 @@ def build_index(manifest_path: str | Path, params: IndexParams, out_dir: str | P
     paused = gc.isenabled()
     gc.disable()
     try:
-        return _build_index(manifest_path, params, out_dir, metrics_path, root)
+        try:
+            return _build_index(manifest_path, params, out_dir, metrics_path, root, stream=True)
+        except NotStreamable as err:  # an odd layout or malformed text: whole parses say what is wrong, and where
+            log.info("%s; indexing again from whole parses", err)
+            return _build_index(manifest_path, params, out_dir, metrics_path, root, stream=False)
     finally:
         if paused:
             gc.enable()
 
 
-def _build_index(manifest_path, params: IndexParams, out_dir, metrics_path, root) -> dict:
+def _build_index(manifest_path, params: IndexParams, out_dir, metrics_path, root, stream: bool) -> dict:
     t_start = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
     manifest, splits, tests = _read_manifest(root, manifest_path)
@@ -82,10 +89,10 @@ def _build_index(manifest_path, params: IndexParams, out_dir, metrics_path, root
         pool = ctx.Pool(params.workers)
     rejected: list[list] = []
     try:
-        cocos = {s: read_coco(root / splits[s]["annotations"], boxes_only=True,
-                              fix=f"fix the file (data.local.{s if s in SPLITS else 'tests.' + s}.annotations) or "
-                                  f"{REPREPARE} again") for s in names}
-        categories = _categories({s: cocos[s] for s in SPLITS}, {s: splits[s]["annotations"] for s in SPLITS})
+        cocos = {s: read_for_index(root / splits[s]["annotations"], stream=stream,
+                                   fix=f"fix the file (data.local.{s if s in SPLITS else 'tests.' + s}.annotations) "
+                                       f"or {REPREPARE} again") for s in names}
+        categories = _categories({s: cocos[s][0] for s in SPLITS}, {s: splits[s]["annotations"] for s in SPLITS})
         label_of = {c.id: c.label for c in categories}
         gt_categories = [{"id": c.id, "name": c.name} for c in categories]
         metrics: dict = {"categories": len(categories), "workers": params.workers,
@@ -93,12 +100,8 @@ def _build_index(manifest_path, params: IndexParams, out_dir, metrics_path, root
                          **({"aux_channels": params.aux_channels} if params.aux_channels else {}), "splits": {}}
         for split in names:
             t0 = time.perf_counter()
-            lines, gt, counts = _index_split(split, splits[split], cocos.pop(split), label_of, gt_categories,
-                                             params, pool, rejected, root)  # popped: freed once indexed
-            write_bytes(out_dir / f"{split}.jsonl", b"".join(lines))
-            del lines
-            write_bytes(out_dir / f"instances_{split}.json", b"".join(gt))
-            del gt
+            counts = _index_split(split, splits[split], *cocos.pop(split), label_of, gt_categories, params, pool,
+                                  rejected, root, out_dir)  # popped: freed once indexed
             seconds = time.perf_counter() - t0
             counts["seconds"] = round(seconds, 4)
             counts["images_per_s"] = round(counts["images"] / seconds, 1) if seconds > 0 else None
@@ -213,11 +216,13 @@ def _csv_safe(file):
     return file.replace("\0", "\\x00") if isinstance(file, str) else file
 
 
-def _index_split(split, paths, coco, label_of, categories, params, pool, rejected, root):
-    """One split: (index lines, evaluation ground truth, counts), the first two as lists of bytes to join; rejected
-    rows are appended to `rejected`. `categories`: the ground truth's category list."""
+def _index_split(split, paths, coco, annotations, label_of, categories, params, pool, rejected, root,
+                 out_dir: Path) -> dict:
+    """Index one split: write `<split>.jsonl` and `instances_<split>.json` under `out_dir`, append its rejected
+    rows to `rejected`, return its counts. `annotations`: the split's, iterated once (`coco`'s own list is empty);
+    `categories`: the ground truth's category list."""
     images_dir, n_aux = paths["images"], params.aux_channels
-    counts = {"images": len(coco["images"]), "images_kept": 0, "annotations": len(coco["annotations"]),
+    counts = {"images": len(coco["images"]), "images_kept": 0, "annotations": 0,
               "annotations_kept": 0, "crowd_kept": 0, "boxes_clipped": 0, "gt_annotations": 0,
               "annotation_ids_shared": 0}
     rejects = _Rejects(split, rejected)
@@ -232,19 +237,27 @@ def _index_split(split, paths, coco, label_of, categories, params, pool, rejecte
         probe_paths = [(p, None if b is None else os.path.join(root, b), n_aux)
                        for p, b in zip(probe_paths, aux_bases, strict=True)]
     pending = _probe_start(probe_paths, pool, params.workers)
-    counts["annotation_ids_shared"] = _attach_annotations(coco["annotations"], entries, rejected_image_ids,
-                                                          label_of, params.min_box_size, rejects)
-    lines, gt_images, gt_chunks = _kept_images(entries, _probe_finish(pending), label_of, counts, rejects, aux_bases)
-    counts["images_rejected"] = dict(sorted(rejects.images.items()))
-    counts["annotations_rejected"] = dict(sorted(rejects.annotations.items()))
-    # instances_<split>.json as `_dumps` of {info, licenses, images, annotations, categories} writes it, the
-    # annotations already serialised image by image
+    boxes = array("d")
+    counts["annotations"], counts["annotation_ids_shared"] = _attach_annotations(
+        annotations, entries, rejected_image_ids, label_of, params.min_box_size, rejects, boxes)
+    round_boxes(boxes)
+    probed = _probe_finish(pending)
+    verdicts = _image_verdicts(entries, probed, aux_bases)
+    # instances_<split>.json as `_dumps` of {info, licenses, images, annotations, categories} writes it
     info = coco.get("info", {}) if isinstance(coco.get("info"), dict) else {}
     licenses = coco.get("licenses", []) if isinstance(coco.get("licenses"), list) else []
-    gt = [b'{"info":', _dump_bytes(info), b',"licenses":', _dump_bytes(licenses), b',"images":',
-          _dump_bytes(gt_images), b',"annotations":[', b",".join(gt_chunks), b'],"categories":',
-          _dump_bytes(categories), b"}\n"]
-    return lines, gt, counts
+    gt_images = [e[0] for e, verdict in zip(entries.values(), verdicts, strict=True) if not verdict]
+    gt_head = b"".join((b'{"info":', _dump_bytes(info), b',"licenses":', _dump_bytes(licenses), b',"images":',
+                        _dump_bytes(gt_images), b',"annotations":['))
+    del gt_images
+    with atomic_path(out_dir / f"{split}.jsonl") as lines_tmp, atomic_path(out_dir / f"instances_{split}.json") as gt_tmp:
+        with open(lines_tmp, "wb", buffering=1 << 20) as lines, open(gt_tmp, "wb", buffering=1 << 20) as gt:
+            gt.write(gt_head)
+            _write_images(entries, verdicts, probed, boxes, label_of, counts, rejects, aux_bases, lines, gt)
+            gt.write(b'],"categories":' + _dump_bytes(categories) + b"}\n")
+    counts["images_rejected"] = dict(sorted(rejects.images.items()))
+    counts["annotations_rejected"] = dict(sorted(rejects.annotations.items()))
+    return counts
 
 
 def _image_ok(im) -> bool:
@@ -291,21 +304,28 @@ def _same_image(a: dict, b: dict) -> bool:
     return (a["file_name"], a["width"], a["height"]) == (b["file_name"], b["width"], b["height"])
 
 
-def _same_annotation(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("image_id", "category_id", "bbox", "iscrowd"))
+# What is kept of a valid annotation in place of its parsed dict, a plain tuple (785k of them on COCO train2017):
+# (id, image_id, category_id, iscrowd as the file has it (absent: None), the file's own bbox (the evaluation's),
+#  the evaluation area, the training box's number in the split's box array (None: under min_box_size), clipped)
+_ID, _BBOX, _BOX = 0, 4, 6
 
 
-def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_size, rejects: _Rejects) -> int:
-    """Append each valid box to its image's list in `entries` as (annotation, training box, clipped): the box
-    clipped to the image as rounded xywh (None when under min_box_size: evaluation-only); reject the rest. Returns
-    how many kept annotations reuse an id another one has (all are kept: the written ground truth renumbers them).
+def _same_annotation(first: tuple, image_id, category_id, bbox, iscrowd) -> bool:
+    return (first[1], first[2], first[4], first[3]) == (image_id, category_id, bbox, iscrowd)
 
-    One pass, no object per annotation but that tuple and its box; the boxes kept are rounded together
-    afterwards (`round_boxes`: `round` per value was a third of the stage on COCO-sized input)."""
-    first_with_id: dict[int, dict] = {}
+
+def _attach_annotations(annotations: Iterable, entries, rejected_image_ids, label_of, min_size,
+                        rejects: _Rejects, boxes: array) -> tuple[int, int]:
+    """Append each valid annotation to its image's list in `entries` as a kept tuple (above), its training box to
+    `boxes` (4 floats: xywh clipped to the image, unrounded); reject the rest. Returns (how many annotations there
+    were, how many kept ones reuse an id another one has: all are kept, and the written ground truth renumbers them).
+
+    Only the kept tuple outlives the loop, not the parsed dict: with `annotations` read a chunk at a time, the
+    parsed file and what is kept of it are never in memory together."""
+    first_with_id: dict[int, tuple] = {}
     shared = 0
-    isfinite, number = math.isfinite, _NUMBER
-    kept_boxes: list[list[float]] = []
+    isfinite, number, extend = math.isfinite, _NUMBER, boxes.extend
+    pos = -1
     for pos, a in enumerate(annotations):
         if type(a) is dict:
             aid, iid, cid, bbox = a.get("id"), a.get("image_id"), a.get("category_id"), a.get("bbox")
@@ -319,7 +339,7 @@ def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_
                 reason = "malformed_annotation"
             elif not (isfinite(x) and isfinite(y) and isfinite(w) and isfinite(h)):
                 reason = "non_finite_box"
-            elif aid in first_with_id and _same_annotation(first_with_id[aid], a):
+            elif aid in first_with_id and _same_annotation(first_with_id[aid], iid, cid, bbox, a.get("iscrowd")):
                 reason = "duplicate_annotation"
             else:
                 target = entries.get(iid)
@@ -329,8 +349,6 @@ def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_
                     reason = "unknown_category"
                 else:
                     reason, box, clipped = _clip_box(x, y, w, h, target[3], target[4], min_size)
-                    if box is not None:
-                        kept_boxes.append(box)
         else:
             reason = "malformed_annotation"
         if reason and reason != "box_too_small":  # too small: still ground truth (its row comes with its image)
@@ -339,16 +357,29 @@ def _attach_annotations(annotations, entries, rejected_image_ids, label_of, min_
             file = entries[image_id][1] if _is_int(image_id) and image_id in entries else ""
             rejects.annotation(file, image_id, a["id"] if ok_id else f"#{pos}", reason)
             continue
+        number_of_box = None
+        if box is not None:
+            number_of_box = len(boxes) >> 2
+            extend(box)
+        kept = (aid, target[0]["id"], cid, a.get("iscrowd"), bbox, _gt_area(a.get("area"), w, h), number_of_box,
+                clipped)
         if aid in first_with_id:
             shared += 1
         else:
-            first_with_id[aid] = a
-        target[2].append((a, box, clipped))
-    round_boxes(kept_boxes)
-    return shared
+            first_with_id[aid] = kept
+        target[2].append(kept)
+    return pos + 1, shared
 
 
-def _clip_box(x, y, w, h, width: float, height: float, min_size: float) -> tuple[str, list | None, bool]:
+def _gt_area(area, w, h):
+    """The file's area when it is a positive finite number (finite_or_none's rules), else the box's w * h."""
+    if type(area) is float:  # the common case first
+        return area if area > 0 and area != math.inf else w * h
+    area = finite_or_none(area)
+    return area if area is not None and area > 0 else w * h
+
+
+def _clip_box(x, y, w, h, width: float, height: float, min_size: float) -> tuple[str, tuple | None, bool]:
     """("", the box clipped to the image as xywh floats, whether it was clipped), ("box_too_small", None, False),
     or (why the box is invalid, None, False)."""
     if w <= 0 or h <= 0:
@@ -360,85 +391,82 @@ def _clip_box(x, y, w, h, width: float, height: float, min_size: float) -> tuple
         return "box_outside_image", None, False
     if x2 - x1 < min_size or y2 - y1 < min_size:
         return "box_too_small", None, False
-    return "", [x1, y1, x2 - x1, y2 - y1], (x1, y1, x2, y2) != (x, y, x + w, y + h)
+    return "", (x1, y1, x2 - x1, y2 - y1), (x1, y1, x2, y2) != (x, y, x + w, y + h)
 
 
-def round_boxes(boxes: list[list[float]], ndigits: int = 3, chunk: int = 65536) -> None:
-    """Round every value of `boxes` in place to exactly what `round(v, ndigits)` gives, in bulk (`chunk` boxes at
-    a time, so the arrays stay small beside the parsed annotations).
+def round_boxes(values: array, ndigits: int = 3, chunk: int = 1 << 18) -> None:
+    """Round every value of `values` (an array of doubles) in place to exactly what `round(v, ndigits)` gives, in
+    bulk (`chunk` values at a time, so the temporaries stay small).
 
     rint(v * 10^n) / 10^n is Python's correctly rounded result unless v * 10^n lies within its float error of a
     half (or is too large for that error to stay small): those few values are left to `round` itself."""
     scale = 10.0 ** ndigits
-    for first in range(0, len(boxes), chunk):
-        part = boxes[first:first + chunk]
-        flat = np.fromiter((v for box in part for v in box), dtype=np.float64, count=4 * len(part))
+    every = np.frombuffer(values, dtype=np.float64)  # a view: writing it writes `values`
+    for first in range(0, len(every), chunk):
+        flat = every[first:first + chunk]
         scaled = flat * scale
         out = np.rint(scaled) / scale
         doubtful = np.flatnonzero((np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6) | ~(np.abs(scaled) < 1e9))
         out[doubtful] = [round(v, ndigits) for v in flat[doubtful].tolist()]
-        values = out.tolist()
-        for i, box in enumerate(part):
-            box[:] = values[4 * i:4 * i + 4]
+        flat[:] = out
 
 
-def _kept_images(entries: dict, probed: list, label_of: dict, counts: dict, rejects: _Rejects, aux_bases=None):
-    """(index lines, GT images, GT annotations as JSON chunks) of the images whose header matches their JSON size
-    (and whose aux image, with `aux_bases`, is usable); an image whose file is bad or of another size is dropped
-    with its boxes. Lines and annotations are serialised image by image (bytes, not dicts, are held)."""
-    lines, gt_images, gt_chunks = [], [], []
-    n_gt = n_train = n_crowd = n_clipped = 0
-    dump = _dump_bytes
-    for k, ((image_id, (im, file, boxes, _, _)), result) in enumerate(zip(entries.items(), probed, strict=True)):
+def _image_verdicts(entries: dict, probed: list, aux_bases) -> list[str]:
+    """Per image entry: "" when it is kept, else why not: its header's reason, `size_mismatch` when the file's
+    size is not the JSON's, or (with `aux_bases`) its aux image's reason."""
+    verdicts = []
+    for (im, *_), result in zip(entries.values(), probed, strict=True):
         w, h, reason = result[:3]
         if not reason and (w, h) != (im["width"], im["height"]):
             reason = "size_mismatch"
-        reason = reason or (result[3] if aux_bases is not None else "")
+        verdicts.append(reason or (result[3] if aux_bases is not None else ""))
+    return verdicts
+
+
+def _write_images(entries: dict, verdicts: list, probed: list, boxes: array, label_of: dict, counts: dict,
+                  rejects: _Rejects, aux_bases, lines, gt) -> None:
+    """Write each kept image's index line to `lines` and its ground truth annotations to `gt` (comma-separated);
+    a rejected image is dropped with its boxes. Each image's kept tuples are let go once written."""
+    n_gt = n_train = n_crowd = n_clipped = n_kept = 0
+    dump = _dump_bytes
+    for k, ((image_id, (im, file, kept, _, _)), reason) in enumerate(zip(entries.items(), verdicts, strict=True)):
         if reason:
             rejects.image(file, image_id, reason)
-            for b in boxes:  # dropped with their image
-                rejects.annotation(file, image_id, b[0]["id"], "image_rejected")
+            for b in kept:  # dropped with their image
+                rejects.annotation(file, image_id, b[_ID], "image_rejected")
             continue
-        train = [b for b in boxes if b[1] is not None]
-        crowd = [int(b[0].get("iscrowd", 0)) for b in train]
-        category_ids = [b[0]["category_id"] for b in train]
+        n_kept += 1
+        train = [b for b in kept if b[_BOX] is not None]
+        crowd = [int(b[3] or 0) for b in train]
+        category_ids = [b[2] for b in train]
         n_train += len(train)
         n_crowd += sum(crowd)
-        n_clipped += sum(b[2] for b in train)
+        n_clipped += sum(b[7] for b in train)
         line = {"image_id": image_id, "file": file, "width": im["width"], "height": im["height"],
-                "boxes": [b[1] for b in train], "category_ids": category_ids,
-                "labels": [label_of[c] for c in category_ids], "iscrowd": crowd,
-                "ann_ids": [b[0]["id"] for b in train]}
+                "boxes": [boxes[4 * b[_BOX]:4 * b[_BOX] + 4].tolist() for b in train], "category_ids": category_ids,
+                "labels": [label_of[c] for c in category_ids], "iscrowd": crowd, "ann_ids": [b[_ID] for b in train]}
         if aux_bases is not None:
-            line["aux"] = file if result[4] == "" else aux_bases[k] + result[4]
-        lines.append(dump(line) + b"\n")
-        if len(train) < len(boxes):
-            for b in boxes:  # too small to learn from, yet scored against: the official ground truth has them
-                if b[1] is None:
-                    rejects.annotation(file, image_id, b[0]["id"], "box_too_small")
-        gt_images.append(im)
-        if boxes:
-            gt_chunks.append(dump([_gt_annotation(b[0], n_gt + j) for j, b in enumerate(boxes, 1)])[1:-1])
-            n_gt += len(boxes)
-    counts["images_kept"] = len(gt_images)
+            line["aux"] = file if probed[k][4] == "" else aux_bases[k] + probed[k][4]
+        lines.write(dump(line) + b"\n")
+        if len(train) < len(kept):
+            for b in kept:  # too small to learn from, yet scored against: the official ground truth has them
+                if b[_BOX] is None:
+                    rejects.annotation(file, image_id, b[_ID], "box_too_small")
+        if kept:
+            gt.write((b"," if n_gt else b"") + dump([_gt_annotation(b, n_gt + j) for j, b in enumerate(kept, 1)])[1:-1])
+            n_gt += len(kept)
+        kept.clear()
+    counts["images_kept"] = n_kept
     counts["annotations_kept"], counts["crowd_kept"], counts["boxes_clipped"] = n_train, n_crowd, n_clipped
     counts["gt_annotations"] = n_gt
-    return lines, gt_images, gt_chunks
 
 
-def _gt_annotation(a: dict, new_id: int) -> dict:
-    """The evaluation entry of annotation `a`: its own box and area, as the official scoring reads them, under id
-    `new_id` (1..N: both COCO evaluators take id 0 for 'unmatched'); `source_id` is the dataset's id."""
-    x, y, w, h = a["bbox"]
-    area = a.get("area")
-    if type(area) is float:  # the common cases first; finite_or_none's rules
-        area = area if area > 0 and area != math.inf else w * h
-    else:
-        area = finite_or_none(area)
-        area = area if area is not None and area > 0 else w * h
-    return {"id": new_id, "source_id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"],
-            "bbox": [x, y, w, h], "area": area,
-            "iscrowd": int(a.get("iscrowd", 0))}
+def _gt_annotation(b: tuple, new_id: int) -> dict:
+    """The evaluation entry of a kept annotation: its own box and area, as the official scoring reads them, under
+    id `new_id` (1..N: both COCO evaluators take id 0 for 'unmatched'); `source_id` is the dataset's id."""
+    aid, image_id, category_id, iscrowd, bbox, area = b[:6]
+    return {"id": new_id, "source_id": aid, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+            "area": area, "iscrowd": int(iscrowd or 0)}
 
 
 def _probe_start(paths: list, pool, workers: int):

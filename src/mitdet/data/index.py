@@ -9,9 +9,7 @@ module is what training reads, so editing the builder retrains nothing unless th
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,75 +123,13 @@ def _rooted(file: str, root) -> str:
 
 
 # ----------------------------------------------------------------------------------------- COCO JSON shape
-def read_coco(path: str | Path, *, strict: bool = False, fix: str = "fix or re-download the file",
-              boxes_only: bool = False) -> dict:
+def read_coco(path: str | Path, *, strict: bool = False, fix: str = "fix or re-download the file") -> dict:
     """Read a COCO instances JSON and check its shape (`check_coco`); every failure is a DataError naming it.
-
-    `boxes_only` (build_index, which never reads masks): annotations' polygon segmentations come back as [], unparsed."""
+    (build_index reads through `coco_stream`, which leaves the polygons and the parsed annotations out.)"""
     path = Path(path)
     if not path.is_file():
         raise DataError("COCO annotation file not found", where=str(path), fix=fix)
-    coco = None
-    if boxes_only and orjson is not None and path.stat().st_size > 0:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            stripped = without_polygons(data)  # mapped, not read: no private copy of the whole file
-        if stripped is not None:
-            try:
-                coco = orjson.loads(stripped)
-            except orjson.JSONDecodeError:  # NaN, or not JSON: the whole file's parse says which, where
-                coco = None
-            del stripped
-            if _segmentation_outside_annotations(coco):  # emptied where it is data the index copies: read it whole
-                coco = None
-    return check_coco(_read_json_fast(path) if coco is None else coco, str(path), strict=strict, fix=fix)
-
-
-# `"segmentation":` and a polygon list: lists of number characters only, `[[...], [...]]`. What is not that shape
-# (an RLE dict, a string in a list) is left to be parsed. No lookbehind for an escaped quote in the patterns: it
-# would cost re its literal-prefix search, 5x slower; the loop checks instead
-_POLYGON_START = re.compile(rb'"segmentation"\s*:\s*\[\s*\[')
-_NUMBERS = rb"[-0-9.eE+,\s]*"
-_POLYGON = re.compile(_POLYGON_START.pattern + _NUMBERS + rb"(?:\]\s*,\s*\[" + _NUMBERS + rb")*\]\s*\]")
-_POLYGON_BYTES = b"0123456789.eE+-, \t\n\r[]"
-
-
-def without_polygons(data) -> bytes | None:
-    """`data` (bytes, or a buffer such as an mmap) with every polygon segmentation replaced by `[]`, or None when
-    it has none. Only lists of number characters are cut: what is left parses to the same document less the
-    polygons, or (brackets unbalanced in a malformed file) fails to parse, and the caller then reads it whole.
-
-    COCO train2017's polygons are two thirds of its JSON; parsing them into Python lists, only to drop them, made
-    `orjson.loads` of a 405 MB file peak at 3.8 GB (about 1.2 GB without them) and take 3.4 s (2.6 s with this)."""
-    parts, pos, find = [], 0, data.find
-    for m in _POLYGON_START.finditer(data):
-        start = m.start()
-        if data[start - 1] == 0x5C:  # `\"segmentation`: inside a string, text that only looks like a polygon
-            continue
-        end = find(b"]]", m.end())  # the compact form: the list ends at the first `]]`; a fast search
-        if end >= 0 and not data[m.end():end].translate(None, _POLYGON_BYTES):
-            end += 2
-        else:  # spaces between the brackets (indented JSON), or not only numbers: the whole pattern, else left
-            whole = _POLYGON.match(data, start)
-            if whole is None:
-                continue
-            end = whole.end()
-        parts += (data[pos:start], b'"segmentation":[]')
-        pos = end
-    if not parts:
-        return None
-    parts.append(data[pos:])
-    return b"".join(parts)
-
-
-def _segmentation_outside_annotations(coco) -> bool:
-    """Whether a `segmentation` key sits anywhere `without_polygons` must not empty: outside the annotations."""
-    if not isinstance(coco, dict):
-        return False
-    if "segmentation" in coco or any(isinstance(v, dict) and "segmentation" in v for v in coco.values()):
-        return True
-    return any(isinstance(e, dict) and "segmentation" in e
-               for key, entries in coco.items() if key != "annotations" and isinstance(entries, list)
-               for e in entries)
+    return check_coco(_read_json_fast(path), str(path), strict=strict, fix=fix)
 
 
 def check_coco(coco, where: str, *, strict: bool = False, fix: str | None = None) -> dict:
