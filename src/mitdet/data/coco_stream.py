@@ -145,13 +145,13 @@ class AnnotationChunks:
 
     def __init__(self, path: Path, f, first: int, end: int, coco: dict):
         self.path, self.coco, self._file, self._first, self._end = path, coco, f, first, end
-        self._buf = bytearray(min(CHUNK + _SLACK, end - first))
+        self._buf = bytearray()  # made at the first read: a split waiting its turn holds none
 
     @classmethod
     def open(cls, path: Path, fix: str) -> AnnotationChunks | None:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=0)  # read straight into the caller's buffers
         try:
-            found = _find_annotations(f.fileno(), os.fstat(f.fileno()).st_size)
+            found = _find_annotations(f, os.fstat(f.fileno()).st_size)
             if found is not None:
                 check_coco(found[2], str(path), fix=fix)
                 return cls(path, f, *found)
@@ -182,7 +182,8 @@ class AnnotationChunks:
             if items is None:
                 raise NotStreamable(f"{self.path}: the annotations from byte {pos} on do not parse")
             return items, self._end
-        text, n = self._buf, self._read_into(pos, CHUNK + _SLACK)
+        n = self._read_into(pos, CHUNK + _SLACK)
+        text = self._buf
         search = CHUNK
         for _ in range(_TRIES):
             m = _BETWEEN.search(text, search, n)
@@ -197,25 +198,29 @@ class AnnotationChunks:
     def _read_into(self, pos: int, n: int) -> int:
         """Read `n` bytes from `pos` into the start of the one reused buffer (fresh memory per chunk would cost a
         page fault per 4 KB: a second over a 400 MB file); how many were read."""
-        return _read_into(self._file.fileno(), memoryview(self._buf)[:n], pos)
+        if len(self._buf) < n:
+            self._buf = bytearray(n)
+        return _read_into(self._file, memoryview(self._buf)[:n], pos)
 
     def close(self) -> None:
         self._file.close()
+        self._buf = bytearray()
 
 
-def _read(fd: int, n: int, offset: int) -> bytes:
+def _read(f, n: int, offset: int) -> bytes:
     """`n` bytes of the file from `offset` (fewer at its end)."""
     buf = bytearray(n)
-    return bytes(buf[:_read_into(fd, memoryview(buf), offset)])
+    return bytes(buf[:_read_into(f, memoryview(buf), offset)])
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fill `view` from the file at `offset`, however many reads that takes; how many bytes were read."""
+def _read_into(f, view: memoryview, offset: int) -> int:
+    """Fill `view` from the (unbuffered) file `f` at `offset`, however many reads that takes; how many bytes were read."""
     done = 0
+    f.seek(offset)
     with view:
         while done < len(view):
-            k = os.preadv(fd, [view[done:]], offset + done)
-            if k == 0:
+            k = f.readinto(view[done:])
+            if not k:
                 break
             done += k
     return done
@@ -232,11 +237,11 @@ def _parsed(text, stop: int) -> list | None:
         return None
 
 
-def _find(fd: int, size: int, pattern: re.Pattern, start: int) -> Iterator[re.Match]:
+def _find(f, size: int, pattern: re.Pattern, start: int) -> Iterator[re.Match]:
     """(window offset, match) of `pattern` in the file from `start` on, read a window at a time."""
     lo, window = start, bytearray(min(_WINDOW + _SLACK, max(size - start, 0)))
     while lo < size:
-        n = _read_into(fd, memoryview(window)[:min(len(window), size - lo)], lo)
+        n = _read_into(f, memoryview(window)[:min(len(window), size - lo)], lo)
         for m in pattern.finditer(window, 0, n):
             if m.start() >= _WINDOW and lo + n < size:  # the next window has it whole
                 break
@@ -244,29 +249,29 @@ def _find(fd: int, size: int, pattern: re.Pattern, start: int) -> Iterator[re.Ma
         lo += _WINDOW
 
 
-def _find_annotations(fd: int, size: int) -> tuple[int, int, dict] | None:
+def _find_annotations(f, size: int) -> tuple[int, int, dict] | None:
     """(the first element's offset, the array's closing `]` offset, the rest of the file parsed) of the top-level
     `annotations` array, or None. Its end is the first `}]` after which the file, with the array replaced by a
     marker string, parses with the marker as `coco["annotations"]`: an earlier `}]` (objects nested in an element,
     or text in a string) cannot, its brackets would not balance. `_may_end` sets most of those aside cheaply."""
     marker = ('"mitdet-annotations-' + os.urandom(8).hex() + '"').encode()
-    starts = (lo + m.end() for lo, m in _find(fd, size, _ANNOTATIONS, 0)
+    starts = (lo + m.end() for lo, m in _find(f, size, _ANNOTATIONS, 0)
               if m.start() == 0 or m.string[m.start() - 1] != 0x5C)  # not `\"annotations`, in a string
     for first in itertools.islice(starts, _TRIES):
-        after = _read(fd, min(64, size - first), first)
+        after = _read(f, min(64, size - first), first)
         blank = len(after) - len(after.lstrip(_SPACE))
         if after[blank:blank + 1] == b"]":  # `[]`: no annotations
             ends = iter([first + blank])
         else:
-            ends = (lo + m.end() - 1 for lo, m in itertools.chain(_find(fd, size, _COMPACT_END, first),
-                                                                  _find(fd, size, _ARRAY_END, first)))
+            ends = (lo + m.end() - 1 for lo, m in itertools.chain(_find(f, size, _COMPACT_END, first),
+                                                                  _find(f, size, _ARRAY_END, first)))
         head = None
         for end in itertools.islice(ends, _END_CANDIDATES):
-            if not _may_end(fd, size, end):
+            if not _may_end(f, size, end):
                 continue
-            head = _read(fd, first - 1, 0) if head is None else head  # up to the array's `[`
+            head = _read(f, first - 1, 0) if head is None else head  # up to the array's `[`
             try:
-                coco = orjson.loads(b"".join((head, marker, _read(fd, size - end - 1, end + 1))))
+                coco = orjson.loads(b"".join((head, marker, _read(f, size - end - 1, end + 1))))
             except orjson.JSONDecodeError:
                 continue
             if not isinstance(coco, dict) or coco.get("annotations") != marker[1:-1].decode():
@@ -276,10 +281,10 @@ def _find_annotations(fd: int, size: int) -> tuple[int, int, dict] | None:
     return None
 
 
-def _may_end(fd: int, size: int, end: int) -> bool:
+def _may_end(f, size: int, end: int) -> bool:
     """Whether the next `_PROBE` bytes after `end` can go on from a value in an object, as the rest of the file
     does after the array: a `]` inside an element fails this within that element's text, not at the window's end."""
-    window = _read(fd, min(_PROBE, size - end - 1), end + 1)
+    window = _read(f, min(_PROBE, size - end - 1), end + 1)
     if len(window) == _PROBE:  # not the file's end: drop a character the window cut in two
         window = window.rstrip(bytes(range(0x80, 0x100)))
     try:
