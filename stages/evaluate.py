@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from mitdet import stage
-from mitdet.engine import quiet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +18,6 @@ def main(argv: list[str] | None = None) -> int:
     stage.setup_logging()
     params = stage.load_params(args.params)
     stage.check_backbone(args.backbone, params, args.params)
-    quiet.take_part()  # beside other evaluate stages (`make repro`): their latency windows wait for this one's work
     stage.prepare_cpu(params.evaluate.threads, params.evaluate.reproducible)  # before anything imports torch
 
     from mitdet.engine.evaluate import evaluate_backbone  # torch: imported once the arguments are known good
