@@ -141,8 +141,7 @@ def test_second_repro_is_a_noop(project):
 
 def test_make_repro_trains_side_by_side_to_the_same_weights(project, tmp_path):
     """`python -m mitdet.repro` (what `make repro` runs): the two train stages run at once, each in its own
-    `dvc repro`, and give bitwise the weights the one-at-a-time `dvc repro` gave; so do the two evaluate stages
-    (their latency timed in a quiet window), with the same predictions; the project ends up to date."""
+    `dvc repro`, and give bitwise the weights the one-at-a-time `dvc repro` gave; the project ends up to date."""
     work, env, dvc, _ = project
     other, other_env, _ = make_project(tmp_path / "lanes")
     out = run([sys.executable, "-m", "mitdet.repro", "--lanes", "2", "--dvc", dvc], other, other_env)
@@ -151,18 +150,12 @@ def test_make_repro_trains_side_by_side_to_the_same_weights(project, tmp_path):
     starts = [lines.index(f"train_mit_b{k} | Running stage 'train_mit_b{k}':") for k in (0, 1)]
     ends = [max(i for i, line in enumerate(lines) if line.startswith(f"train_mit_b{k} | ")) for k in (0, 1)]
     assert max(starts) < min(ends), "each train stage started before the other one finished"
-    for stage in ("prepare_data", "build_index", "report"):
+    for stage in ("prepare_data", "build_index", "evaluate_mit_b0", "evaluate_mit_b1", "report"):
         assert f"Running stage '{stage}'" in out
-    assert "evaluating evaluate_mit_b0, evaluate_mit_b1: 2 at a time" in out
-    for k in (0, 1):
-        assert f"evaluate_mit_b{k} | Running stage 'evaluate_mit_b{k}':" in lines
     assert json.loads(run([dvc, "status", "--json"], other, other_env)) == {}
     for b in BACKBONES:
-        for output in (f"models/{b}/model.safetensors", f"data/predictions/{b}.json", f"metrics/{b}/per_class.json"):
-            assert (other / output).read_bytes() == (work / output).read_bytes(), output
-        machine = json.loads((other / f"metrics/{b}/eval.json").read_text())["machine"]
-        assert machine["speed_others_paused"] is True
-        assert json.loads((work / f"metrics/{b}/eval.json").read_text())["machine"]["speed_others_paused"] is False
+        weights = f"models/{b}/model.safetensors"
+        assert (other / weights).read_bytes() == (work / weights).read_bytes(), b
     again = run([sys.executable, "-m", "mitdet.repro", "--lanes", "2", "--dvc", dvc], other, other_env)
     assert "Running stage" not in again and "at a time" not in again
 

@@ -14,11 +14,10 @@ from mitdet.params import load_params
 from tests.conftest import ROOT
 
 
-def params_with(tmp_path: Path, evaluate: dict | None = None, **train) -> object:
+def params_with(tmp_path: Path, **train) -> object:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     per_backbone = train.pop("per_backbone", {})
     raw["train"].update(train)
-    raw["evaluate"].update(evaluate or {})
     for b, override in per_backbone.items():
         raw["train"]["per_backbone"][b] = {**raw["train"]["per_backbone"][b], **override}
     path = tmp_path / "params.yaml"
@@ -47,23 +46,10 @@ def test_one_train_stage_at_a_time_on_an_accelerator(tmp_path):
     assert repro.uses_accelerator(params_with(tmp_path, device="cpu")) is False
 
 
-def test_stale_stages_in_backbone_order():
+def test_stale_train_stages_in_backbone_order():
     status = {"evaluate_mit_b0": [], "train_mit_b3": [{"changed deps": {}}], "train_mit_b1": []}
-    assert repro.stale_stages(status, "train", ["mit_b0", "mit_b1", "mit_b3"]) == ["train_mit_b1", "train_mit_b3"]
-    assert repro.stale_stages(status, "evaluate", ["mit_b0", "mit_b1"]) == ["evaluate_mit_b0"]
-    assert repro.stale_stages({}, "train", ["mit_b0"]) == []
-
-
-@pytest.mark.parametrize("evaluate,cores,lanes", [
-    ({"threads": 1, "num_workers": 0}, 2, 2),  # the defaults
-    ({"threads": 1, "num_workers": 1}, 2, 1),
-    ({"threads": 0, "num_workers": 0}, 16, 1),
-    ({"threads": 2, "num_workers": 0}, 64, 6),
-])
-def test_eval_lanes_fit_the_cores(tmp_path, evaluate, cores, lanes):
-    params = params_with(tmp_path, evaluate=evaluate)
-    assert repro.eval_lanes(params, cores, accelerator=False) == lanes
-    assert repro.eval_lanes(params, cores, accelerator=True) == 1
+    assert repro.stale_train_stages(status, ["mit_b0", "mit_b1", "mit_b3"]) == ["train_mit_b1", "train_mit_b3"]
+    assert repro.stale_train_stages({}, ["mit_b0"]) == []
 
 
 def test_side_by_side_runs_at_once_and_prefixes_each_line(tmp_path, capsys):
@@ -96,39 +82,22 @@ def fake_dvc(tmp_path: Path, status: dict, fail: str = "") -> tuple[str, Path]:
     script = tmp_path / "dvc"
     script.write_text(f"#!{sys.executable}\n"
                       "import json, sys\n"
-                      "import os\n"
-                      f"quiet = ' quiet' if os.environ.get('MITDET_QUIET_LOCK', '').endswith('mitdet-quiet.lock') and "
-                      "'--single-item' in sys.argv else ''\n"
-                      f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + quiet + '\\n')\n"
+                      f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
                       f"if sys.argv[1:] == ['status', '--json']: print(json.dumps({status!r}))\n"
                       f"sys.exit(4 if {fail!r} and sys.argv[-1] == {fail!r} else 0)\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(script), calls
 
 
-def test_repro_runs_data_then_stale_trains_then_evaluations_then_the_rest(tmp_path, capsys):
+def test_repro_runs_data_then_stale_trains_then_the_rest(tmp_path, capsys):
     params = params_with(tmp_path, threads=1, num_workers=0)
-    dvc, calls = fake_dvc(tmp_path, {"build_index": [], "train_mit_b2": [], "train_mit_b0": [], "evaluate_mit_b0": [],
-                                     "evaluate_mit_b2": []})
+    dvc, calls = fake_dvc(tmp_path, {"build_index": [], "train_mit_b2": [], "train_mit_b0": [], "evaluate_mit_b0": []})
     assert repro.repro(params, lanes=2, dvc=dvc) == 0
     lines = calls.read_text().splitlines()
     assert lines[:3] == ["status --json", "repro build_index", "status --json"] and lines[-1] == "repro"
-    assert sorted(lines[3:5]) == ["--wait-for-lock repro --single-item train_mit_b0 quiet",
-                                  "--wait-for-lock repro --single-item train_mit_b2 quiet"]
-    assert lines[5] == "status --json"  # what training left stale
-    assert sorted(lines[6:8]) == ["--wait-for-lock repro --single-item evaluate_mit_b0 quiet",
-                                  "--wait-for-lock repro --single-item evaluate_mit_b2 quiet"]
-    assert len(lines) == 10 and lines[8] == "status --json"
-    out = capsys.readouterr().out
-    assert "training train_mit_b0, train_mit_b2: 2 at a time" in out
-    assert "evaluating evaluate_mit_b0, evaluate_mit_b2: 2 at a time" in out
-
-
-def test_one_stale_evaluation_is_left_to_dvc_repro(tmp_path):
-    params = params_with(tmp_path, threads=1, num_workers=0)
-    dvc, calls = fake_dvc(tmp_path, {"evaluate_mit_b1": []})
-    assert repro.repro(params, lanes=2, dvc=dvc) == 0
-    assert calls.read_text().splitlines() == ["status --json", "repro"]
+    assert sorted(lines[3:-1]) == ["--wait-for-lock repro --single-item train_mit_b0",
+                                   "--wait-for-lock repro --single-item train_mit_b2"]
+    assert "training train_mit_b0, train_mit_b2: 2 at a time" in capsys.readouterr().out
 
 
 def test_repro_with_one_lane_or_one_stale_stage_is_plain_dvc_repro(tmp_path):

@@ -35,7 +35,7 @@ LOADER_CODE = ["src/mitdet/data/index.py", "src/mitdet/data/headers.py", "src/mi
                "src/mitdet/data/decode.py", "src/mitdet/data/transforms.py", "src/mitdet/data/sampler.py"]
 MODEL_CODE = ["src/mitdet/models"]
 TRAIN_CODE = [f"src/mitdet/{part}" for part in paths.TRAIN_CODE]  # also what the checkpoint fingerprint hashes
-EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/quiet.py", "src/mitdet/engine/inference.py", "src/mitdet/engine/device.py",
+EVAL_CODE = ["src/mitdet/engine/evaluate.py", "src/mitdet/engine/inference.py", "src/mitdet/engine/device.py",
              "src/mitdet/engine/scoring.py", "src/mitdet/engine/coco_fast.py", "src/mitdet/drawing.py", "src/mitdet/runtime.py"]
 
 

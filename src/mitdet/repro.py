@@ -1,11 +1,10 @@
-"""`make repro`: `dvc repro` with the train stages, then the evaluate stages, side by side, as many as the cores hold.
+"""`make repro`: `dvc repro` with the train stages side by side, as many as the cores hold.
 
 DVC runs one stage at a time, and its documented way to run independent stages in parallel is one `dvc repro` per
 stage (the repository lock is released while a stage's command runs; `--wait-for-lock` queues the short locked
-parts). So: the data stages first (when stale), then each stale `train_<b>` in its own `dvc repro --single-item`
-(at most `train_lanes` at once), then each stale `evaluate_<b>` the same way, then a plain `dvc repro` for the rest.
-The evaluate stages time their latency in a quiet window (`mitdet.engine.quiet`): the others wait at their next
-batch meanwhile, so the figure is not measured beside another stage's work.
+parts). So: the data stages first (when stale), then each stale `train_<b>` in its own `dvc repro --single-item` (at most
+`train_lanes` at once), then a plain `dvc repro` for the rest. Evaluation runs alone after training, so the
+latencies it writes are not measured beside a trainer.
 
     python -m mitdet.repro [--lanes N] [--params params.yaml]
 """
@@ -13,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from mitdet.engine.quiet import ENV as QUIET_ENV
 from mitdet.params import Params, TrainParams, load_params
 from mitdet.runtime import usable_cores
 
 DATA_STAGES = ("prepare_data", "build_index")  # before training: every train stage reads the index
-QUIET_LOCK = ".dvc/tmp/mitdet-quiet.lock"  # the evaluate stages' quiet windows (under DVC's own temporary folder)
 
 
 def cores_per_stage(train: TrainParams, cores: int) -> int:
@@ -42,31 +38,20 @@ def train_lanes(params: Params, cores: int, accelerator: bool) -> int:
     return max(1, min(len(params.backbones), cores // need))
 
 
-def eval_lanes(params: Params, cores: int, accelerator: bool) -> int:
-    """How many evaluate stages to run at once: 1 on an accelerator, else as many as fit in `cores` at
-    evaluate.threads + num_workers."""
-    if accelerator or not params.backbones:
-        return 1
-    threads = params.evaluate.threads if params.evaluate.threads > 0 else cores
-    return max(1, min(len(params.backbones), cores // (threads + params.evaluate.num_workers)))
-
-
-def uses_accelerator(params: Params, kind: str = "train") -> bool:
-    """Whether a `kind` (train or evaluate) stage would run on a GPU (or MPS): `device: cuda|mps`, or `auto` where
-    one is present."""
-    devices = ({params.train.for_backbone(b).device for b in params.backbones} if kind == "train"
-               else {params.evaluate.device})
+def uses_accelerator(params: Params) -> bool:
+    """Whether a train stage would run on a GPU (or MPS): `device: cuda|mps`, or `auto` where one is present."""
+    devices = {params.train.for_backbone(b).device for b in params.backbones}
     if devices & {"cuda", "mps"}:
         return True
     if "auto" not in devices:
         return False
-    from mitdet.engine.device import resolve_device  # imports torch: only when something is to run
+    from mitdet.engine.device import resolve_device  # imports torch: only when something is to train
     return resolve_device("auto").type != "cpu"
 
 
-def stale_stages(status: dict, kind: str, backbones: list[str]) -> list[str]:
-    """The `kind`_<b> stages (train, evaluate) `dvc status --json` reports changed, in `backbones:` order."""
-    return [f"{kind}_{b}" for b in backbones if f"{kind}_{b}" in status]
+def stale_train_stages(status: dict, backbones: list[str]) -> list[str]:
+    """The train stages `dvc status --json` reports changed, in `backbones:` order."""
+    return [f"train_{b}" for b in backbones if f"train_{b}" in status]
 
 
 def _relay(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> int:
@@ -78,15 +63,14 @@ def _relay(proc: subprocess.Popen, prefix: str, lock: threading.Lock) -> int:
     return proc.wait()
 
 
-def run_side_by_side(commands: dict[str, list[str]], lanes: int, env: dict | None = None) -> dict[str, int]:
-    """Run each named command (in `env`, default ours), at most `lanes` at once, its output lines prefixed with its
-    name; name -> exit code."""
+def run_side_by_side(commands: dict[str, list[str]], lanes: int) -> dict[str, int]:
+    """Run each named command, at most `lanes` at once, its output lines prefixed with its name; name -> exit code."""
     lock = threading.Lock()
     width = max((len(n) for n in commands), default=0)
 
     def one(name: str) -> int:
         proc = subprocess.Popen(commands[name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1, env=env)
+                                bufsize=1)
         return _relay(proc, f"{name:<{width}} | ", lock)
 
     with ThreadPoolExecutor(max(1, lanes)) as pool:
@@ -102,55 +86,34 @@ def dvc_status(dvc: str) -> dict | None:
 
 
 def repro(params: Params, lanes: int | None = None, dvc: str = "dvc") -> int:
-    """The data stages, the stale train stages side by side, the stale evaluate stages side by side, then
-    everything else; the first failure's code. Where a kind has one stale stage or one lane, a plain `dvc repro`
-    runs it and the rest in order."""
+    """The data stages, the stale train stages side by side, then everything else; the first failure's code."""
     status = dvc_status(dvc)
     if status is not None and set(status) & set(DATA_STAGES):
         code = subprocess.call([dvc, "repro", DATA_STAGES[-1]])
         if code:
             return code
         status = dvc_status(dvc)
-    for kind, verb in (("train", "training"), ("evaluate", "evaluating")):
-        stale = stale_stages(status, kind, params.backbones) if status is not None else []
-        if len(stale) < 2:
-            if stale:
-                break  # one stale stage: plain `dvc repro` below, in order
-            continue
-        n = lanes if lanes is not None else (
-            train_lanes(params, usable_cores(), uses_accelerator(params)) if kind == "train" else
-            eval_lanes(params, usable_cores(), uses_accelerator(params, "evaluate")))
-        if n < 2:
-            break
-        code = _stages_side_by_side(stale, n, verb, dvc)
-        if code:
-            return code
-        status = dvc_status(dvc)  # training made the evaluations stale
+    if status is None:
+        return subprocess.call([dvc, "repro"])
+    stale = stale_train_stages(status, params.backbones)
+    if len(stale) > 1 and lanes is None:
+        lanes = train_lanes(params, usable_cores(), uses_accelerator(params))
+    if len(stale) > 1 and lanes > 1:
+        print(f"training {', '.join(stale)}: {min(lanes, len(stale))} at a time", flush=True)
+        codes = run_side_by_side({s: [dvc, "--wait-for-lock", "repro", "--single-item", s] for s in stale}, lanes)
+        failed = [s for s, c in codes.items() if c]
+        if failed:
+            print(f"error: {', '.join(failed)} failed (output above, prefixed with the stage name); fix it and "
+                  "run `make repro` again", file=sys.stderr)
+            return codes[failed[0]]
     return subprocess.call([dvc, "repro"])
-
-
-def _stages_side_by_side(stale: list[str], lanes: int, verb: str, dvc: str) -> int:
-    """Run each stage of `stale` in its own `dvc repro --single-item`, `lanes` at once; the first failure's code.
-    The evaluate stages share one quiet-window lock (QUIET_LOCK)."""
-    print(f"{verb} {', '.join(stale)}: {min(lanes, len(stale))} at a time", flush=True)
-    lock = os.path.abspath(QUIET_LOCK)
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    env = {**os.environ, QUIET_ENV: lock}
-    codes = run_side_by_side({s: [dvc, "--wait-for-lock", "repro", "--single-item", s] for s in stale}, lanes, env)
-    failed = [s for s, c in codes.items() if c]
-    if failed:
-        print(f"error: {', '.join(failed)} failed (output above, prefixed with the stage name); fix it and run "
-              "`make repro` again", file=sys.stderr)
-        return codes[failed[0]]
-    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--lanes", type=int, default=None,
-                        help="train (and evaluate) stages at once (default: the cores over each stage's threads + "
-                             "workers)")
+                        help="train stages at once (default: the cores over each stage's threads + workers)")
     parser.add_argument("--dvc", default="dvc", help="the dvc executable")
     args = parser.parse_args(argv)
     if args.lanes is not None and args.lanes < 1:

@@ -17,7 +17,6 @@ from mitdet.drawing import write_samples
 from mitdet.engine import checkpoint as ckpt
 from mitdet.engine.device import resolve_device
 from mitdet.engine.inference import measure_speed, predict
-from mitdet.engine.quiet import paused_between, quiet
 from mitdet.engine.scoring import Scores, per_class_table, score
 from mitdet.errors import CheckpointError, DataError
 from mitdet.io import csv_text, write_json, write_text
@@ -101,15 +100,13 @@ def cpu_share(cpu_seconds: float, wall_seconds: float, threads: int) -> float | 
     return cpu_seconds / (wall_seconds * threads) if wall_seconds > 0 and threads > 0 else None
 
 
-def machine_with_load_warning(device, share: float | None = None, others_paused: bool = False) -> dict:
+def machine_with_load_warning(device, share: float | None = None) -> dict:
     """machine_info beside the speed figures, with a warning when other work shared the CPU while they were
     measured (the latency then follows the load: many times the idle figure on a busy machine): a load average
-    above the cores, or (1 thread) a `share` of its core under MIN_CPU_SHARE, which the lagging average misses.
-    With `others_paused` (a quiet window beside other stages) the load average, which still counts the stages that
-    were waiting, is recorded but not a verdict: the share is."""
+    above the cores, or (1 thread) a `share` of its core under MIN_CPU_SHARE, which the lagging average misses."""
     info = machine_info(device)
     load, cores = info.get("load_average") or [0.0], info.get("usable_cores") or 1
-    loaded = bool(load and load[0] > cores) and not (others_paused and share is not None)
+    loaded = bool(load and load[0] > cores)
     starved = share is not None and info.get("threads") == 1 and share < MIN_CPU_SHARE
     if loaded or starved:
         log.warning("the machine was busy while speed was measured (load average %.1f on %d cores; this process "
@@ -117,7 +114,6 @@ def machine_with_load_warning(device, share: float | None = None, others_paused:
                     "machine", load[0], cores, "?" if share is None else f"{share:.0%}")
     info["speed_cpu_share"] = None if share is None else round(share, 3)
     info["busy"] = loaded or starved
-    info["speed_others_paused"] = others_paused
     return info
 
 
@@ -163,12 +159,11 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     write_json(root / bp.predictions, results, indent=None)
     scores = score(root / INDEX_DIR / f"instances_{split}.json", results, scorer=evaluate.scorer,
                    image_ids=stats["image_ids"])
-    with quiet() as others_paused:  # beside other stages (`make repro`): they wait at their next batch meanwhile
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        speed = measure_speed(model, run.speed_images(index), dev, evaluate.speed_warmup, evaluate.speed_images,
-                              amp=evaluate.amp)
-        share = cpu_share(time.process_time() - cpu0, time.perf_counter() - wall0,
-                          torch.get_num_threads()) if dev.type == "cpu" and evaluate.speed_images > 0 else None
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    speed = measure_speed(model, run.speed_images(index), dev, evaluate.speed_warmup, evaluate.speed_images,
+                          amp=evaluate.amp)
+    share = cpu_share(time.process_time() - cpu0, time.perf_counter() - wall0,
+                      torch.get_num_threads()) if dev.type == "cpu" and evaluate.speed_images > 0 else None
     params_m = count_parameters(model) / 1e6
     gflops = float(detector_gflops(model, run.model_params.min_size, run.model_params.max_size))
 
@@ -177,7 +172,7 @@ def evaluate_backbone(backbone: str, evaluate, *, inference: ModelParams | None 
     left_out = images_left_out_by_index(root / REJECTED_CSV, split)
     if left_out is not None:
         metrics["images_left_out_by_index"] = left_out
-    metrics["machine"] = machine_with_load_warning(dev, share, others_paused)
+    metrics["machine"] = machine_with_load_warning(dev, share)
     test_metrics, test_tables = run_test_splits(run, bp, tests)
     if test_metrics:  # absent without a test split: eval.json as before
         metrics["tests"] = test_metrics
@@ -223,7 +218,7 @@ class SplitRun:
         """COCO results on the split's images (the first evaluate.max_images, 0 = all) and predict's stats."""
         ev = self.evaluate
         loader = self.loader(index, ev.batch_size, ev.num_workers, ev.max_images)
-        results, stats = predict(self.model, paused_between(loader), self.device, self.label_to_category, amp=ev.amp,
+        results, stats = predict(self.model, loader, self.device, self.label_to_category, amp=ev.amp,
                                  progress=self.progress)
         log.info("%s %s: %d detections on %d images in %.1f s (%d unreadable)", self.spec.get("backbone", ""),
                  index.split, stats["detections"], stats["images"], stats["seconds"], stats["skipped"])
