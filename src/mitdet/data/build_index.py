@@ -307,11 +307,11 @@ def _same_image(a: dict, b: dict) -> bool:
 # What is kept of a valid annotation in place of its parsed dict, a plain tuple (785k of them on COCO train2017):
 # (id, image_id, category_id, iscrowd as the file has it (absent: None), the file's own bbox (the evaluation's),
 #  the evaluation area, the training box's number in the split's box array (None: under min_box_size), clipped)
-_ID, _BBOX, _BOX = 0, 4, 6
+_ID, _IMAGE_ID, _CATEGORY, _CROWD, _BBOX, _AREA, _BOX, _CLIPPED = range(8)
 
 
 def _same_annotation(first: tuple, image_id, category_id, bbox, iscrowd) -> bool:
-    return (first[1], first[2], first[4], first[3]) == (image_id, category_id, bbox, iscrowd)
+    return (first[_IMAGE_ID], first[_CATEGORY], first[_BBOX], first[_CROWD]) == (image_id, category_id, bbox, iscrowd)
 
 
 def _attach_annotations(annotations: Iterable, entries, rejected_image_ids, label_of, min_size,
@@ -437,11 +437,11 @@ def _write_images(entries: dict, verdicts: list, probed: list, boxes: array, lab
             continue
         n_kept += 1
         train = [b for b in kept if b[_BOX] is not None]
-        crowd = [int(b[3] or 0) for b in train]
-        category_ids = [b[2] for b in train]
+        crowd = [int(b[_CROWD] or 0) for b in train]
+        category_ids = [b[_CATEGORY] for b in train]
         n_train += len(train)
         n_crowd += sum(crowd)
-        n_clipped += sum(b[7] for b in train)
+        n_clipped += sum(b[_CLIPPED] for b in train)
         line = {"image_id": image_id, "file": file, "width": im["width"], "height": im["height"],
                 "boxes": [boxes[4 * b[_BOX]:4 * b[_BOX] + 4].tolist() for b in train], "category_ids": category_ids,
                 "labels": [label_of[c] for c in category_ids], "iscrowd": crowd, "ann_ids": [b[_ID] for b in train]}
