@@ -4,8 +4,8 @@ Outputs (under `out_dir`): `<split>.jsonl` (one kept image a line: the training 
 `instances_<split>.json` (the evaluation ground truth), `rejected.csv` (one row per dropped image or box) and
 `source.json` (the raw manifest's source and per-split fingerprint, so that the index changes whenever the raw data
 does). Bad files and boxes are counted and skipped; a malformed annotation JSON is a DataError naming the file and
-the entry (`read_coco`/`check_coco`: the one COCO shape check, also the scorer's). Nothing under `out_dir` holds
-timings: an unchanged dataset indexed again gives byte-identical files.
+the entry (`coco_stream.read_for_index`, through `check_coco`: the one COCO shape check, also the scorer's).
+Nothing under `out_dir` holds timings: an unchanged dataset indexed again gives byte-identical files.
 
 The evaluation ground truth is the official one restricted to the kept images: every valid annotation of those
 images with its own box and area (crowd regions, and boxes under `min_box_size`, which only training leaves out),

@@ -207,10 +207,11 @@ class AnnotationChunks:
         self._buf = bytearray()
 
 
-def _read(f, n: int, offset: int) -> bytes:
-    """`n` bytes of the file from `offset` (fewer at its end)."""
+def _read(f, n: int, offset: int) -> bytearray:
+    """`n` bytes of the file from `offset` (fewer at its end), in a buffer of their own (no second copy)."""
     buf = bytearray(n)
-    return bytes(buf[:_read_into(f, memoryview(buf), offset)])
+    del buf[_read_into(f, memoryview(buf), offset):]
+    return buf
 
 
 def _read_into(f, view: memoryview, offset: int) -> int:
